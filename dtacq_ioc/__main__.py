@@ -1,0 +1,5 @@
+import sys
+
+from dtacq_ioc.cli import main
+
+sys.exit(main())
