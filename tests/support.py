@@ -1,0 +1,155 @@
+"""Helpers shared by the tests: loopback addresses, free ports, configs, real processes.
+
+Each test that starts a simulated card gives it a random loopback address
+(127.a.b.c), so cards keep their real ports (4210, 4220+site) and tests never
+collide with each other or with a running IOC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def random_loopback() -> str:
+    """An address on lo no other test uses (it binds 4220 there to make sure)."""
+    rng = random.SystemRandom()
+    for _ in range(100):
+        host = f"127.{rng.randint(10, 250)}.{rng.randint(0, 255)}.{rng.randint(2, 254)}"
+        with socket.socket() as s:
+            try:
+                s.bind((host, 4220))
+            except OSError:
+                continue
+        return host
+    raise RuntimeError("no free loopback address")
+
+
+def wait_for_port(host: str, port: int, timeout: float = 15.0, proc=None) -> None:
+    """Block until host:port accepts a connection (or fail, naming what we waited for)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {host}:{port} opened")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{host}:{port} did not open within {timeout} s")
+        time.sleep(0.05)
+
+
+def sim_card_toml(
+    name: str,
+    host: str,
+    module: str = "ACQ425ELF",
+    carrier: str = "acq2106",
+    prefix: str | None = None,
+    ssh_port: int | None = None,
+    sim_extra: str = "",
+    site_extra: str = "",
+    card_extra: str = "",
+    faults: str = "",
+) -> str:
+    """One [[cards]] entry with a [cards.sim] table, as TOML text."""
+    ssh_port = ssh_port or free_port(host)
+    return f"""
+[[cards]]
+name = "{name}"
+host = "{host}"
+prefix = "{prefix or f"TEST:{name}:"}"
+timeout_s = 3.0
+{card_extra}
+
+[cards.ssh]
+user = "root"
+password = "sim"
+port = {ssh_port}
+host_key_policy = "auto-add"
+
+[cards.sim]
+carrier = "{carrier}"
+{sim_extra}
+
+[cards.sim.faults]
+{faults}
+
+[[cards.sim.sites]]
+site = 1
+module = "{module}"
+{site_extra}
+"""
+
+
+def write_config(directory: Path, cards: str, extra: str = "") -> Path:
+    """A complete config in `directory` with its data under it."""
+    path = directory / "test.toml"
+    path.write_text(
+        f"""
+[ioc]
+name = "test"
+autosave_dir = "autosave"
+[archive]
+data_dir = "data"
+{extra}
+{cards}
+"""
+    )
+    return path
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def running(
+    args: list[str],
+    ready: tuple[str, int] | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 20.0,
+    cwd: Path | None = None,
+) -> Iterator[subprocess.Popen]:
+    """Run `python -m dtacq_ioc ARGS` as a real process; wait for a port; always clean up."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dtacq_ioc", *args],
+        cwd=cwd or ROOT,
+        env=env or child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        if ready is not None:
+            wait_for_port(*ready, timeout=timeout, proc=proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def sim_process(config: Path, host: str, *extra: str) -> Iterator[subprocess.Popen]:
+    """`dtacq-ioc sim CONFIG` as a real process, ready when site 1's knob port answers."""
+    with running(["sim", str(config), *extra], ready=(host, 4221)) as proc:
+        yield proc
