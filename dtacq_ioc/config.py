@@ -123,7 +123,10 @@ class CardConfig:
     name: str
     host: str
     prefix: str
-    sites: tuple[int, ...] = ()  # sites to read; empty = every AI site the card reports
+    sites: tuple[int, ...] = ()  # sites to read; empty = every site in `modules`
+    # site -> module the card must report there; PVs are built from it before the card
+    # answers (a card may be down when the IOC starts). Simulated cards default to theirs.
+    modules: dict[int, str] = field(default_factory=dict)
     knob_port_base: int = 4220
     stream_port: int = 4210
     timeout_s: float = 5.0
@@ -453,6 +456,15 @@ def _card(t: _Table) -> CardConfig:
     for i, s in enumerate(sites):
         if not isinstance(s, int) or not 1 <= s <= 6:
             t.error(f"{t.path('sites')}[{i}]", f"site {s!r} out of 1..6")
+    modules = _modules(t.table("modules"))
+    sim = _sim(t.table("sim")) if t.has("sim") else None
+    if sim is not None and not modules:
+        modules = {s.site: s.module for s in sim.sites}
+    for s in sites:
+        if isinstance(s, int) and modules and s not in modules:
+            t.error(t.path("sites"), f"site {s} has no module in [cards.modules]")
+    if not modules and name:
+        t.error(t.path("modules"), 'missing: e.g. [cards.modules] 1 = "ACQ425ELF"')
     labels_table = t.table("gain_labels")
     gain_labels: dict[str, tuple[str, ...]] = {}
     for module in list(labels_table.data):
@@ -473,17 +485,30 @@ def _card(t: _Table) -> CardConfig:
         name=name,
         host=host,
         prefix=prefix,
-        sites=tuple(s for s in sites if isinstance(s, int)),
+        sites=tuple(s for s in sites if isinstance(s, int)) or tuple(sorted(modules)),
+        modules=modules,
         knob_port_base=t.port("knob_port_base", d.knob_port_base),
         stream_port=t.port("stream_port", d.stream_port),
         timeout_s=t.positive("timeout_s", float, d.timeout_s),
         buffer_bytes=t.positive("buffer_bytes", int, 0, allow_zero=True),
         gain_labels=gain_labels,
         ssh=_ssh(t.table("ssh")),
-        sim=_sim(t.table("sim")) if t.has("sim") else None,
+        sim=sim,
     )
     t.finish()
     return card
+
+
+def _modules(t: _Table) -> dict[int, str]:
+    modules: dict[int, str] = {}
+    for key in list(t.data):
+        if not key.isdigit() or not 1 <= int(key) <= 6:
+            t.error(t.path(key), "site numbers 1..6 are the keys")
+            t.used.add(key)
+            continue
+        modules[int(key)] = _module_name(t, key)
+    t.finish()
+    return modules
 
 
 def _ioc(t: _Table) -> IocConfig:

@@ -26,7 +26,8 @@ def test_default_and_production_configs_load():
 
 def test_secret_never_shows_its_value():
     cfg = parse_config(
-        '[[cards]]\nname="A"\nhost="h"\nprefix="A:"\n[cards.ssh]\npassword="hunter2"\n',
+        '[[cards]]\nname="A"\nhost="h"\nprefix="A:"\n[cards.modules]\n1="ACQ425ELF"\n'
+        '[cards.ssh]\npassword="hunter2"\n',
         Path("x.toml"),
     )
     assert "hunter2" not in repr(cfg)
@@ -72,7 +73,9 @@ def test_check_command_exit_codes(tmp_path):
     )
     assert ok.returncode == 0, ok.stderr
     bad = tmp_path / "bad.toml"
-    bad.write_text("[[cards]]\nname='A'\nhost='h'\nprefix='A:'\nclkdiv=3\n")
+    bad.write_text(
+        "[[cards]]\nname='A'\nhost='h'\nprefix='A:'\nclkdiv=3\nmodules={1='ACQ425ELF'}\n"
+    )
     res = subprocess.run(
         [sys.executable, "-m", "dtacq_ioc", "check", str(bad)],
         capture_output=True,
