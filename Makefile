@@ -29,8 +29,14 @@ test: $(STAMP) test-deps lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # Services and tools the tests run for real (pouchdb-server, Chromium, systemd-analyze).
-test-deps:
-	@true
+POUCHDB   := tests/node/node_modules/.bin/pouchdb-server
+
+test-deps: $(POUCHDB)
+
+# pouchdb-server stands in for CouchDB; `npm ci` installs exactly the lock, once.
+$(POUCHDB): tests/node/package.json tests/node/package-lock.json
+	npm ci --prefix tests/node --no-audit --no-fund
+	touch $@
 
 clean:
 	rm -rf $(VENV) var

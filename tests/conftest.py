@@ -1,9 +1,18 @@
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import quote, unquote
 
+import httpx
 import pytest
-from support import free_port, random_loopback
+from support import free_port, random_loopback, wait_for_port
 
 # Channel Access for this pytest process only: its own server port, so IOCs started by
 # concurrent test runs never answer each other's searches. Set before any test imports
@@ -20,3 +29,205 @@ os.environ.setdefault("EPICS_CA_MAX_ARRAY_BYTES", str(64 * 1024 * 1024))
 def loopback() -> str:
     """A loopback address of this test's own, for a simulated card at its real ports."""
     return random_loopback()
+
+
+# --- CouchDB stand-in: pouchdb-server as a real process, and the experiment's file server ---
+
+POUCHDB_BIN = Path(__file__).resolve().parent / "node" / "node_modules" / ".bin" / "pouchdb-server"
+COUCH_ADMIN = ("admin", "admin-pw")
+COUCH_WRITER = ("writer", "writer-pw")
+COUCH_DB = "measurements"  # pouchdb-server renames dbs holding '/', so tests use a plain name
+
+
+class PouchServer:
+    """pouchdb-server --in-memory on its own port, set up as the experiment's database:
+
+    an admin (no admin party), db ``measurements`` readable and writable only by the role
+    ``measurements_writer`` (held by user ``writer``), and our design documents installed.
+    ``stop()`` and ``start()`` again keep the port (the data is lost: it is in memory).
+    """
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if not POUCHDB_BIN.exists():
+            pytest.fail(f"{POUCHDB_BIN} missing: run `make test-deps`")
+        # It writes config.json and log.txt into its working directory.
+        self.proc = subprocess.Popen(
+            [str(POUCHDB_BIN), "--in-memory", "-o", "127.0.0.1", "-p", str(self.port)],
+            cwd=self.workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port("127.0.0.1", self.port, timeout=30.0, proc=self.proc)
+        with httpx.Client(base_url=self.url, timeout=10.0) as http:
+            http.put(f"/_config/admins/{COUCH_ADMIN[0]}", json=COUCH_ADMIN[1]).raise_for_status()
+        with self.admin() as client:
+            client.ensure_database()
+            client.install_design_documents()
+            user, password = COUCH_WRITER
+            client.request(
+                "PUT",
+                f"/_users/org.couchdb.user:{user}",
+                json={"name": user, "password": password, "roles": [f"{COUCH_DB}_writer"],
+                      "type": "user"},
+            )  # fmt: skip
+            client.request(
+                "PUT",
+                client.db_path("_security"),
+                json={"admins": {"names": [], "roles": []},
+                      "members": {"names": [], "roles": [f"{COUCH_DB}_writer"]}},
+            )  # fmt: skip
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def settings(self, auth: str = "cookie", user=COUCH_WRITER, file_server: str = ""):
+        from dtacq_ioc.archive.couchdb import CouchSettings
+
+        name, password = user or ("", "")
+        return CouchSettings(
+            url=self.url,
+            db=COUCH_DB,
+            user=name,
+            password=password,
+            auth=auth,
+            file_server=file_server,
+            timeout_s=10.0,
+        )
+
+    def admin(self, db: str = COUCH_DB):
+        from dataclasses import replace
+
+        from dtacq_ioc.archive.couchdb import CouchClient
+
+        return CouchClient(replace(self.settings(auth="basic", user=COUCH_ADMIN), db=db))
+
+
+@pytest.fixture
+def pouchdb(tmp_path_factory) -> Iterator[PouchServer]:
+    server = PouchServer(tmp_path_factory.mktemp("pouchdb"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+class FileServer:
+    """The experiment's file server, as its contract says: PUT/GET/DELETE
+    ``/_attachments/<db>/<docid>/<file>``; PUT and DELETE keep ``external_docs[<file>] =
+    {ondiskname, size, time}`` on the document. Callers must hold a CouchDB session or
+    basic credentials, checked against the database's ``/_session``."""
+
+    def __init__(self, couch: PouchServer, root: Path):
+        self.couch = couch
+        self.root = root
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _target(self) -> tuple[str, str, str, Path] | None:
+                parts = [unquote(p) for p in self.path.split("?")[0].split("/")]
+                if len(parts) != 5 or parts[1] != "_attachments" or not self._authorized():
+                    self.send_error(404 if len(parts) != 5 else 401)
+                    return None
+                db, doc_id, name = parts[2:]
+                return db, doc_id, name, server.root / quote(db, "") / doc_id / name
+
+            def _authorized(self) -> bool:
+                headers = {
+                    k: v for k, v in self.headers.items() if k in ("Cookie", "Authorization")
+                }
+                r = httpx.get(f"{server.couch.url}/_session", headers=headers, timeout=10.0)
+                return bool(r.json().get("userCtx", {}).get("name"))
+
+            def do_PUT(self) -> None:
+                target = self._target()
+                if target is None:
+                    return
+                db, doc_id, name, path = target
+                path.parent.mkdir(parents=True, exist_ok=True)
+                remaining = int(self.headers["Content-Length"])
+                with open(path, "wb") as f:
+                    while remaining:
+                        chunk = self.rfile.read(min(remaining, 1 << 16))
+                        if not chunk:
+                            break
+                        f.write(chunk)
+                        remaining -= len(chunk)
+                entry = {"ondiskname": str(path), "size": path.stat().st_size, "time": time.time()}
+                server.set_external(db, doc_id, name, entry)
+                self._answer(201, {"ok": True, "id": doc_id, "file": name})
+
+            def do_GET(self) -> None:
+                target = self._target()
+                if target is None:
+                    return
+                path = target[3]
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_DELETE(self) -> None:
+                target = self._target()
+                if target is None:
+                    return
+                db, doc_id, name, path = target
+                path.unlink(missing_ok=True)
+                server.set_external(db, doc_id, name, None)
+                self._answer(200, {"ok": True})
+
+            def _answer(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+    def set_external(self, db: str, doc_id: str, name: str, entry: dict | None) -> None:
+        with self.couch.admin(db) as client:
+            doc = client.get_document(doc_id)
+            external = doc.setdefault("external_docs", {})
+            if entry is None:
+                external.pop(name, None)
+            else:
+                external[name] = entry
+            client.request("PUT", client.db_path(doc_id), json=doc)
+
+
+@pytest.fixture
+def file_server(pouchdb: PouchServer, tmp_path_factory) -> Iterator[FileServer]:
+    server = FileServer(pouchdb, tmp_path_factory.mktemp("file_server"))
+    server.thread.start()
+    try:
+        yield server
+    finally:
+        server.httpd.shutdown()
+        server.httpd.server_close()

@@ -1,0 +1,88 @@
+"""The run catalog: what the run writer reports to, whatever the backend.
+
+Both backends keep the local SQLite catalog (so ``dtacq-ioc runs`` and recovery work
+without a network); the ``couchdb`` backend also spools each finished run marked for
+upload and delivers it to the experiment's database in the background.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol, runtime_checkable
+
+from dtacq_ioc.archive.records import RunFile, RunRecord
+from dtacq_ioc.archive.spool import Spool, SpoolEntry, new_doc_id
+from dtacq_ioc.archive.sqlite import CATALOG_FILE, SqliteCatalog
+from dtacq_ioc.config import ArchiveConfig
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Catalog(Protocol):
+    """Methods may be called from any thread (the run writer calls from its own)."""
+
+    def run_started(self, record: RunRecord) -> None: ...
+
+    def run_finished(self, record: RunRecord) -> None: ...
+
+    def list_runs(self, limit: int = 50, card: str | None = None) -> list[RunRecord]: ...
+
+    def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    def close(self) -> None: ...
+
+
+class CouchCatalog(SqliteCatalog):
+    """SQLite locally, plus a spool and its delivery worker towards CouchDB."""
+
+    def __init__(self, archive: ArchiveConfig, start_delivery: bool = True):
+        super().__init__(archive.data_dir / CATALOG_FILE)
+        self.spool = Spool(archive.spool, archive.couchdb, on_result=self._delivery_result)
+        if start_delivery:
+            self.spool.start()
+
+    def run_finished(self, record: RunRecord) -> None:
+        wanted = self._prepare_upload(record)
+        super().run_finished(record)
+        if wanted:
+            self._spool(record)
+
+    def recover_interrupted(self) -> list[RunRecord]:
+        """As SqliteCatalog's, then spool what the interrupted runs had written."""
+        recovered = super().recover_interrupted()
+        for record in recovered:
+            if self._prepare_upload(record):
+                super().run_finished(record)
+                self._spool(record)
+        return recovered
+
+    def close(self) -> None:
+        self.spool.stop()
+        super().close()
+
+    def _prepare_upload(self, record: RunRecord) -> bool:
+        """Whether to upload; if so fix the document id and file digests before saving."""
+        if not record.upload or not record.files:
+            return False  # a run that wrote nothing has nothing worth a document
+        record.doc_id = record.doc_id or new_doc_id()
+        record.files = [f if f.sha256 else RunFile.from_path(f.path, f.name) for f in record.files]
+        return True
+
+    def _spool(self, record: RunRecord) -> None:
+        # Marked before the worker can see the entry, so 'delivered' is never overwritten.
+        self.set_upload_state(record.run_id, "spooled", record.doc_id)
+        self.spool.add(record)
+
+    def _delivery_result(self, entry: SpoolEntry, error: str | None) -> None:
+        if error is None:
+            self.set_upload_state(entry.run_id, "delivered", entry.doc_id)
+        else:
+            self.set_upload_state(entry.run_id, "spooled", entry.doc_id, error)
+
+
+def open_catalog(archive: ArchiveConfig, start_delivery: bool = True) -> SqliteCatalog:
+    """The configured catalog; ``start_delivery=False`` spools without sending (CLI)."""
+    if archive.backend == "couchdb":
+        return CouchCatalog(archive, start_delivery=start_delivery)
+    return SqliteCatalog(archive.data_dir / CATALOG_FILE)
