@@ -51,12 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
 
     p = sub.add_parser("runs", help="list, show, export and upload archived runs")
-    _add_config(p, required=False)
     p.add_argument("action", choices=["list", "show", "export", "upload"])
     p.add_argument("run", nargs="?", help="run id (show, export)")
     p.add_argument("--format", choices=["npy", "csv"], default="npy", help="export format")
     p.add_argument("-o", "--output", type=Path, default=Path("."), help="export directory")
     p.add_argument("--limit", type=int, default=50, help="rows to list")
+    # An option, not a positional: "runs show ID" must not read ID as the config.
+    p.add_argument("-c", "--config", type=Path, default=None, help="TOML config file")
 
     p = sub.add_parser("screens", help="write Phoebus .bob screens for the config's cards")
     _add_config(p)

@@ -22,7 +22,7 @@ CHANNELS = [0, 1, 2]
 
 def runs(config, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "dtacq_ioc", "runs", str(config), *args],
+        [sys.executable, "-m", "dtacq_ioc", "runs", *args, "--config", str(config)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -1,0 +1,270 @@
+"""Building blocks for the IOC's PVs: one factory for every kind of PV we serve.
+
+Every PV gets a description (the record's DESC), units and precision where they
+mean something, and joins the card's "link" alarm group unless it reports on
+the link itself, so one write marks the whole card COMM/INVALID when it drops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from caproto import AccessRights, ChannelType
+from caproto.server import PVGroup, pvproperty
+from caproto.server.server import pvspec_type_map
+
+LINK = "link"  # alarm group shared by PVs whose value depends on the card link
+WAVEFORM_BACKLOG = 3  # past updates kept per client for big arrays (caproto default: 1000)
+LONG_STRING = 4096  # bytes of a CHAR-array "long string" PV
+
+Putter = Callable[[PVGroup, Any, Any], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class AccessRules:
+    """Channel Access write rules from the config; empty lists allow everyone."""
+
+    write_hosts: tuple[str, ...] = ()
+    write_users: tuple[str, ...] = ()
+
+    def allows_write(self, hostname: str, username: str) -> bool:
+        host_ok = not self.write_hosts or _host_matches(hostname, self.write_hosts)
+        user_ok = not self.write_users or username in self.write_users
+        return host_ok and user_ok
+
+
+def _host_matches(hostname: str, allowed: tuple[str, ...]) -> bool:
+    # CA clients report their own host name, sometimes fully qualified.
+    short = hostname.split(".")[0]
+    return any(hostname == a or short == a.split(".")[0] for a in allowed)
+
+
+class _AccessChecked:
+    """Mixed into every writable PV class: the group's rules can take WRITE away."""
+
+    group: Any
+
+    def check_access(self, hostname: str, username: str) -> AccessRights:
+        rights = super().check_access(hostname, username)  # type: ignore[misc]
+        rules: AccessRules | None = getattr(self.group, "access_rules", None)
+        if rules is not None and not rules.allows_write(hostname, username):
+            return rights & ~AccessRights.WRITE
+        return rights
+
+
+class CheckedGroup(PVGroup):
+    """A PVGroup whose writable PVs obey `access_rules` (set on the instance)."""
+
+    access_rules: AccessRules | None = None
+    type_map = {
+        dtype: type(f"Checked{cls.__name__}", (_AccessChecked, cls), {})
+        for dtype, cls in pvspec_type_map.items()
+    }
+
+
+def make_pv(
+    name: str,
+    value: Any,
+    doc: str,
+    *,
+    dtype: Any = None,
+    units: str = "",
+    precision: int = 0,
+    limits: tuple[float, float] | None = None,
+    put: Putter | None = None,
+    record: str | None = None,
+    alarm_group: str | None = LINK,
+    max_length: int | None = None,
+    enum_strings: tuple[str, ...] | None = None,
+) -> pvproperty:
+    """One PV. Writable exactly when `put` is given; limits are enforced on puts."""
+    kwargs: dict[str, Any] = {}
+    if units:
+        kwargs["units"] = units
+    if precision:
+        kwargs["precision"] = precision
+    if limits is not None:
+        kwargs["lower_ctrl_limit"], kwargs["upper_ctrl_limit"] = limits
+        kwargs["lower_disp_limit"], kwargs["upper_disp_limit"] = limits
+    if enum_strings is not None:
+        kwargs["enum_strings"] = list(enum_strings)
+    if max_length is not None and max_length > 1000:
+        kwargs["max_subscription_backlog"] = WAVEFORM_BACKLOG
+    prop = pvproperty(
+        name=name,
+        value=value,
+        dtype=dtype,
+        doc=doc[:40],
+        record=record,
+        read_only=put is None,
+        alarm_group=alarm_group,
+        max_length=max_length,
+        **kwargs,
+    )
+    if put is not None:
+        prop.putter(put)
+    return prop
+
+
+def number(
+    name: str,
+    doc: str,
+    *,
+    value: float = 0.0,
+    units: str = "",
+    precision: int = 3,
+    limits: tuple[float, float] | None = None,
+    put: Putter | None = None,
+    alarm_group: str | None = LINK,
+) -> pvproperty:
+    record = "ao" if put else "ai"
+    return make_pv(
+        name,
+        float(value),
+        doc,
+        dtype=ChannelType.DOUBLE,
+        units=units,
+        precision=precision,
+        limits=limits,
+        put=put,
+        record=record,
+        alarm_group=alarm_group,
+    )
+
+
+def integer(
+    name: str,
+    doc: str,
+    *,
+    value: int = 0,
+    units: str = "",
+    limits: tuple[int, int] | None = None,
+    put: Putter | None = None,
+    alarm_group: str | None = LINK,
+) -> pvproperty:
+    record = "longout" if put else "longin"
+    return make_pv(
+        name,
+        int(value),
+        doc,
+        dtype=ChannelType.LONG,
+        units=units,
+        limits=limits,
+        put=put,
+        record=record,
+        alarm_group=alarm_group,
+    )
+
+
+def enum(
+    name: str,
+    doc: str,
+    labels: tuple[str, ...],
+    *,
+    value: str | None = None,
+    put: Putter | None = None,
+    alarm_group: str | None = LINK,
+) -> pvproperty:
+    record = ("bo" if put else "bi") if len(labels) == 2 else ("mbbo" if put else "mbbi")
+    return make_pv(
+        name,
+        value or labels[0],
+        doc,
+        dtype=ChannelType.ENUM,
+        enum_strings=labels,
+        put=put,
+        record=record,
+        alarm_group=alarm_group,
+    )
+
+
+def string(
+    name: str,
+    doc: str,
+    *,
+    value: str = "",
+    put: Putter | None = None,
+    alarm_group: str | None = LINK,
+) -> pvproperty:
+    """A DBR_STRING PV (at most 40 characters) that caget prints as text."""
+    record = "stringout" if put else "stringin"
+    return make_pv(
+        name,
+        value[:39],
+        doc,
+        dtype=ChannelType.STRING,
+        put=put,
+        record=record,
+        alarm_group=alarm_group,
+    )
+
+
+def long_string(
+    name: str,
+    doc: str,
+    *,
+    value: str = "",
+    put: Putter | None = None,
+    alarm_group: str | None = LINK,
+    max_length: int = LONG_STRING,
+) -> pvproperty:
+    """Text longer than 40 characters: a CHAR array read with `caget -S`."""
+    prop = pvproperty(
+        name=name,
+        value=value,
+        dtype=ChannelType.CHAR,
+        max_length=max_length,
+        report_as_string=True,
+        doc=doc[:40],
+        read_only=put is None,
+        alarm_group=alarm_group,
+        record="waveform",
+    )
+    if put is not None:
+        prop.putter(put)
+    return prop
+
+
+def waveform(
+    name: str,
+    doc: str,
+    dtype: ChannelType,
+    length: int,
+    *,
+    units: str = "",
+    precision: int = 0,
+    alarm_group: str | None = LINK,
+) -> pvproperty:
+    """A read-only array PV whose maximum length is fixed from the config."""
+    np_type = {
+        ChannelType.INT: np.int16,
+        ChannelType.LONG: np.int32,
+        ChannelType.FLOAT: np.float32,
+        ChannelType.DOUBLE: np.float64,
+    }[dtype]
+    return make_pv(
+        name,
+        np.zeros(length, dtype=np_type),
+        doc,
+        dtype=dtype,
+        units=units,
+        precision=precision,
+        record="waveform",
+        max_length=length,
+        alarm_group=alarm_group,
+    )
+
+
+def action(name: str, doc: str, put: Putter) -> pvproperty:
+    """A bo PV that does something when 1 is written (and reads back 0 after)."""
+    return enum(name, doc, ("Idle", "Go"), put=put, alarm_group=None)
+
+
+def text_value(value: Any) -> str:
+    """CHAR-array puts arrive as str or bytes depending on the client."""
+    if isinstance(value, bytes | bytearray):
+        value = value.decode("latin-1")
+    return str(value).rstrip("\x00")
