@@ -1,0 +1,1 @@
+"""What happens to samples, in order: integrity -> display -> trigger -> run -> .dig files."""

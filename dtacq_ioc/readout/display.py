@@ -1,0 +1,126 @@
+"""The display stage: the latest N samples per channel, and on demand their statistics.
+
+`update` runs on the socket thread for every buffer and only copies the newest
+rows into a ring; `snapshot` (called at the display rate from the IOC) does the
+arithmetic: volts, min/max/mean/RMS, and a Hann-windowed amplitude spectrum.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from dtacq_ioc.readout.transform import ChannelMap
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Arrays are (samples, channels) or (bins, channels); statistics are per channel."""
+
+    raw: np.ndarray  # ADC codes (bit shift applied), oldest first
+    volts: np.ndarray
+    minimum: np.ndarray
+    maximum: np.ndarray
+    mean: np.ndarray
+    rms: np.ndarray
+    spectrum: np.ndarray  # amplitude in volts (a sine of amplitude A shows as A)
+    freq_hz: np.ndarray  # frequency of each spectrum bin (empty when the rate is unknown)
+    timebase_s: np.ndarray  # seconds from the oldest sample shown
+    sample_rate_hz: float
+    updates: int  # buffers seen so far
+
+    @property
+    def samples(self) -> int:
+        return len(self.raw)
+
+
+class DisplayStage:
+    def __init__(self, channel_map: ChannelMap, samples: int, sample_rate_hz: float = 0.0):
+        if samples < 2:
+            raise ValueError(f"display samples must be >= 2, got {samples}")
+        self.channel_map = channel_map
+        self.size = samples
+        self.sample_rate_hz = sample_rate_hz
+        self._ring = np.zeros((samples, channel_map.nchan), dtype=np.int32)
+        self._pos = 0  # next row to write
+        self._filled = 0
+        self._updates = 0
+        self._lock = threading.Lock()
+
+    def update(self, ai: np.ndarray) -> None:
+        """Take the newest rows of a (rows, channels) block of stream words."""
+        rows = len(ai)
+        if rows == 0:
+            return
+        tail = ai[-self.size :]
+        codes = self.channel_map.shift(tail)
+        n = len(codes)
+        with self._lock:
+            first = min(n, self.size - self._pos)
+            self._ring[self._pos : self._pos + first] = codes[:first]
+            if n > first:
+                self._ring[: n - first] = codes[first:]
+            self._pos = (self._pos + n) % self.size
+            self._filled = min(self.size, self._filled + n)
+            self._updates += 1
+
+    def set_calibration(self, channel_map: ChannelMap, sample_rate_hz: float) -> None:
+        """New gains or clock: volts and frequencies follow from the next snapshot."""
+        with self._lock:
+            if channel_map.nchan != self.channel_map.nchan:
+                raise ValueError("channel count changed; make a new DisplayStage")
+            self.channel_map = channel_map
+            self.sample_rate_hz = sample_rate_hz
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            n = self._filled
+            if n < self.size:
+                raw = self._ring[:n].copy()
+            else:
+                raw = np.concatenate((self._ring[self._pos :], self._ring[: self._pos]))
+            vpc = self.channel_map.volts_per_code
+            rate = self.sample_rate_hz
+            updates = self._updates
+        volts = raw * vpc
+        nchan = raw.shape[1]
+        if n:
+            minimum, maximum = volts.min(axis=0), volts.max(axis=0)
+            mean = volts.mean(axis=0)
+            rms = np.sqrt(np.mean(np.square(volts), axis=0))
+        else:
+            minimum = maximum = mean = rms = np.zeros(nchan)
+        spectrum, freq = amplitude_spectrum(volts, rate)
+        timebase = np.arange(n) / rate if rate > 0 else np.arange(n, dtype=np.float64)
+        return Snapshot(
+            raw=raw,
+            volts=volts,
+            minimum=minimum,
+            maximum=maximum,
+            mean=mean,
+            rms=rms,
+            spectrum=spectrum,
+            freq_hz=freq,
+            timebase_s=timebase,
+            sample_rate_hz=rate,
+            updates=updates,
+        )
+
+
+def amplitude_spectrum(volts: np.ndarray, rate_hz: float) -> tuple[np.ndarray, np.ndarray]:
+    """Single-sided amplitude spectrum per column with a Hann window, in volts.
+
+    Scaled by the window's sum so a sine of amplitude A peaks at A (DC shows its level).
+    """
+    n = len(volts)
+    if n < 2:
+        return np.zeros((0, volts.shape[1] if volts.ndim == 2 else 1)), np.zeros(0)
+    window = np.hanning(n)
+    spec = np.abs(np.fft.rfft(volts * window[:, None], axis=0)) * (2.0 / window.sum())
+    spec[0] /= 2.0
+    if n % 2 == 0:
+        spec[-1] /= 2.0  # the Nyquist bin has no mirror image either
+    freq = np.fft.rfftfreq(n, 1.0 / rate_hz) if rate_hz > 0 else np.arange(len(spec), dtype=float)
+    return spec, freq

@@ -1,0 +1,343 @@
+"""`Readout`: one card's stream, read continuously, through integrity -> display -> run.
+
+The stream runs while the card is connected so the display and statistics are
+always live; a run taps it from a buffer boundary. Callbacks (`on_state`,
+`on_run`, `on_alarm`) are called on the reader or writer threads: the IOC
+hands them to its loop with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dtacq_ioc.archive.dig import Opener
+from dtacq_ioc.card.stream import StreamClient, StreamLayout
+from dtacq_ioc.config import ArchiveConfig, IocConfig
+from dtacq_ioc.readout.display import DisplayStage
+from dtacq_ioc.readout.integrity import CounterCheck
+from dtacq_ioc.readout.run import Run, RunSettings, SettingsError, StreamInfo
+from dtacq_ioc.readout.transform import ChannelMap, SiteChannels
+from dtacq_ioc.readout.triggers import TriggerRegistry
+
+log = logging.getLogger(__name__)
+
+RATE_WINDOW_S = 1.0
+
+
+class RunBusy(SettingsError):
+    """A run is already active on this card."""
+
+
+@dataclass(frozen=True)
+class ReadoutStats:
+    state: str  # "stopped", "streaming", "ended"
+    reason: str  # why the stream ended ("" otherwise)
+    buffers: int
+    samples: int
+    bytes: int
+    counter_errors: int
+    mb_per_s: float  # over the last second or so
+    uptime_s: float  # since the stream was opened
+
+
+class Readout:
+    """Reads one card's stream and feeds integrity check, display stage and active run."""
+
+    def __init__(
+        self,
+        card: Any,
+        ioc: IocConfig,
+        archive: ArchiveConfig,
+        catalog: Any,
+        triggers: TriggerRegistry | None = None,
+        opener: Opener | None = None,
+        on_state: Callable[[ReadoutStats], None] | None = None,
+        on_run: Callable[[Run], None] | None = None,
+        on_alarm: Callable[[str], None] | None = None,
+    ):
+        self.card = card
+        self.ioc = ioc
+        self.archive = archive
+        self.catalog = catalog
+        self.triggers = triggers or TriggerRegistry(ioc.trigger_dir)
+        self.opener = opener
+        self.on_state = on_state
+        self.on_run = on_run
+        self.on_alarm = on_alarm
+        self.layout: StreamLayout | None = None
+        self.buffer_samples = 0
+        self.channel_map: ChannelMap | None = None
+        self.display: DisplayStage | None = None
+        self.sample_rate_hz = 0.0
+        self.gains: dict[int, list[int]] = {}
+        self.run: Run | None = None
+        self._stream: StreamClient | None = None
+        self._generation = 0
+        self._check = CounterCheck(name=card.name)
+        self._state = "stopped"
+        self._reason = ""
+        self._lock = threading.RLock()
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self._buffers = 0
+        self._samples = 0
+        self._bytes = 0
+        self._errors_at_start = self._check.errors
+        self._opened = time.monotonic()
+        self._window = (self._opened, 0)
+        self._rate = 0.0
+        self._last_buffer = self._opened
+
+    # -- stream ---------------------------------------------------------------------------
+
+    def start(
+        self, sites: tuple[int, ...] | None = None, buffer_samples: int | None = None
+    ) -> None:
+        """Configure and open the stream (connecting the card if it is not yet)."""
+        with self._lock:
+            if self._stream is not None and self._stream.running:
+                raise RuntimeError(f"{self.card.name}: stream already open")
+            if self.card.info is None:
+                self.card.connect()
+            layout = self.card.configure_stream(sites or self.card.config.sites or None)
+            self.layout = layout
+            self.buffer_samples = buffer_samples or self.card.default_buffer_samples(layout)
+            self._calibrate()
+            assert self.channel_map is not None
+            specs = [self.card.site_info(s).spec for s in layout.sites]
+            self._check = CounterCheck(
+                enabled=all(s.counter_check for s in specs), name=self.card.name
+            )
+            self.display = DisplayStage(
+                self.channel_map, self.ioc.display_samples, self.sample_rate_hz
+            )
+            self._reset_counters()
+            self._generation += 1
+            generation = self._generation
+            flush = min(1.0, max(0.05, 1.0 / self.ioc.display_rate_hz))
+            # "streaming" first: a stream that ends at once (NOT READY) then reads "ended".
+            self._set_state("streaming", "")
+            try:
+                self._stream = self.card.open_stream(
+                    layout,
+                    self.buffer_samples,
+                    self._on_buffer,
+                    lambda exc: self._on_end(generation, exc),
+                    flush_s=flush,
+                )
+            except Exception as exc:
+                self._set_state("stopped", str(exc))
+                raise
+            log.info(
+                "%s: streaming sites %s, %d samples per buffer",
+                self.card.name,
+                layout.sites,
+                self.buffer_samples,
+            )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the stream; an active run ends cleanly with what it has."""
+        with self._lock:
+            stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.stop(timeout)
+        run = self.run
+        if run is not None:
+            run.stream_ended("")
+        self._set_state("stopped", "")
+
+    def _calibrate(self) -> None:
+        """Gains and sample rate from the card: volts for the display and the run headers."""
+        assert self.layout is not None
+        sites = []
+        gains: dict[int, list[int]] = {}
+        for site, nchan in zip(self.layout.sites, self.layout.nchan, strict=True):
+            info = self.card.site_info(site)
+            codes = self.card.gains(site) if info.spec.gain_codes else []
+            gains[site] = codes
+            sites.append(SiteChannels(site, info.spec, nchan, self.layout.word_size, tuple(codes)))
+        self.gains = gains
+        self.channel_map = ChannelMap(sites)
+        self.sample_rate_hz = self.card.sample_rate_hz()
+
+    def refresh_calibration(self) -> None:
+        """Call after changing gains or the clock, so volts and spectra stay right."""
+        with self._lock:
+            self._calibrate()
+            if self.display is not None and self.channel_map is not None:
+                self.display.set_calibration(self.channel_map, self.sample_rate_hz)
+
+    def _on_buffer(self, samples: np.ndarray) -> None:
+        gaps = self._check.check(samples["spad"][:, 0])
+        n = len(samples)
+        self._buffers += 1
+        self._samples += n
+        self._bytes += samples.nbytes
+        now = time.monotonic()
+        self._last_buffer = now
+        t0, b0 = self._window
+        if now - t0 >= RATE_WINDOW_S:
+            self._rate = (self._bytes - b0) / (now - t0) / 1e6
+            self._window = (now, self._bytes)
+        display = self.display
+        if display is not None:
+            display.update(samples["ai"])
+        run = self.run
+        if run is not None and run.active:
+            run.feed(samples, gaps)
+        elif gaps:
+            self._alarm(f"{self.card.name}: {len(gaps)} counter jumps in the stream")
+
+    def _on_end(self, generation: int, exc: Exception | None) -> None:
+        if generation != self._generation:
+            return  # a stream we replaced on purpose
+        reason = str(exc) if exc is not None else ""
+        run = self.run
+        if run is not None:
+            run.stream_ended(reason)
+        if exc is not None:
+            log.error("%s: stream ended: %s", self.card.name, reason)
+            self._alarm(reason)
+            self._set_state("ended", reason)
+
+    def _set_state(self, state: str, reason: str) -> None:
+        self._state, self._reason = state, reason
+        if self.on_state is not None:
+            try:
+                self.on_state(self.stats())
+            except Exception:
+                log.exception("%s: on_state callback failed", self.card.name)
+
+    def _alarm(self, message: str) -> None:
+        if self.on_alarm is not None:
+            try:
+                self.on_alarm(message)
+            except Exception:
+                log.exception("%s: on_alarm callback failed", self.card.name)
+
+    def stats(self) -> ReadoutStats:
+        now = time.monotonic()
+        rate = self._rate if now - self._last_buffer < 2 * RATE_WINDOW_S else 0.0
+        return ReadoutStats(
+            state=self._state,
+            reason=self._reason,
+            buffers=self._buffers,
+            samples=self._samples,
+            bytes=self._bytes,
+            counter_errors=self._check.errors - self._errors_at_start,
+            mb_per_s=rate,
+            uptime_s=now - self._opened,
+        )
+
+    @property
+    def streaming(self) -> bool:
+        stream = self._stream
+        return stream is not None and stream.running
+
+    # -- runs -----------------------------------------------------------------------------
+
+    def start_run(self, settings: RunSettings) -> Run:
+        """Start a run from the next buffer; SettingsError (one line) when refused."""
+        settings.check()
+        with self._lock:
+            if self.run is not None and not self.run.done:
+                raise RunBusy(f"{self.card.name}: a run is already active ({self.run.run_id})")
+            if not self.streaming:
+                raise SettingsError(f"{self.card.name}: the stream is not running")
+            assert self.layout is not None
+            # The card aggregates in site order whatever order a client lists them in.
+            sites = tuple(sorted(set(settings.sites))) or self.layout.sites
+            unknown = [s for s in sites if s not in self.card.info.sites]
+            if unknown:
+                raise SettingsError(f"unknown site {unknown[0]} on {self.card.name}")
+            max_bytes = min(self.card.site_info(s).spec.max_buffer_bytes for s in sites)
+            sample_bytes = (
+                self.layout.sample_bytes
+                if sites == self.layout.sites
+                else _layout_bytes(self.card, sites)
+            )
+            nbuf = settings.buffer_samples(sample_bytes, self.buffer_samples, max_bytes)
+            # Refuse bad channels or triggers before touching the stream: a refusal changes nothing.
+            settings.channels(sum(self.card.site_info(s).nchan for s in sites))
+            self.triggers.create(settings.trigger, dict(settings.trigger_args))
+            if sites != self.layout.sites or nbuf != self.buffer_samples:
+                self._restart(sites, nbuf)
+            else:
+                self._calibrate()
+                assert self.display is not None and self.channel_map is not None
+                self.display.set_calibration(self.channel_map, self.sample_rate_hz)
+            assert self.layout is not None and self.channel_map is not None
+            labels = self.card.config.gain_labels
+            info = StreamInfo(
+                card=self.card.name,
+                host=self.card.config.host,
+                sample_rate_hz=self.sample_rate_hz,
+                channel_map=self.channel_map,
+                word_size=self.layout.word_size,
+                gains=dict(self.gains),
+                gain_labels={
+                    s: labels[self.card.site_info(s).spec.name]
+                    for s in self.layout.sites
+                    if self.card.site_info(s).spec.name in labels
+                },
+                buffer_samples=self.buffer_samples,
+            )
+            run = Run(
+                settings,
+                info,
+                self.archive.data_dir,
+                self.catalog,
+                self.triggers,
+                on_counter_error=self.archive.on_counter_error,
+                queue_buffers=self.archive.writer_queue_buffers,
+                opener=self.opener,
+                on_state=self._run_state,
+                on_alarm=self._alarm,
+            )
+            self.run = run
+            log.info("%s: run %s started (%s)", self.card.name, run.run_id, run.directory)
+            self._run_state(run)
+            if self._state == "ended":  # a reopened stream may end (NOT READY) before the run
+                run.stream_ended(self._reason)
+            return run
+
+    def _restart(self, sites: tuple[int, ...], buffer_samples: int) -> None:
+        stream, self._stream = self._stream, None
+        self._generation += 1  # the old stream's end is expected: ignore it
+        if stream is not None:
+            stream.stop()
+        self.start(sites, buffer_samples)
+
+    def stop_run(self, timeout: float | None = 30.0) -> Run | None:
+        """End the active run; returns it once its files and record are done."""
+        run = self.run
+        if run is None:
+            return None
+        run.stop()
+        if not run.wait(timeout):
+            log.warning("%s: run %s still closing after %s s", self.card.name, run.run_id, timeout)
+        return run
+
+    def _run_state(self, run: Run) -> None:
+        if self.on_run is not None:
+            try:
+                self.on_run(run)
+            except Exception:
+                log.exception("%s: on_run callback failed", self.card.name)
+
+    def close(self) -> None:
+        self.stop_run()
+        self.stop()
+
+
+def _layout_bytes(card: Any, sites: tuple[int, ...]) -> int:
+    infos = [card.site_info(s) for s in sites]
+    return StreamLayout(sites, tuple(i.nchan for i in infos), infos[0].word_size).sample_bytes

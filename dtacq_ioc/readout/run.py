@@ -1,0 +1,587 @@
+"""One acquisition run: settings, the trigger, counters, its writer, and its record.
+
+A Run taps the readout's stream from a buffer boundary. `feed` runs on the
+socket thread and never waits on the disk; the writer thread closes the files
+and delivers the RunRecord to the catalog at the end.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dtacq_ioc.archive.dig import Opener, file_date, safe_path
+from dtacq_ioc.archive.records import RunFile, RunRecord
+from dtacq_ioc.readout.integrity import COUNTER_MODULUS, Gap
+from dtacq_ioc.readout.transform import ChannelMap, Downsampler
+from dtacq_ioc.readout.triggers import (
+    End,
+    EndReadoutNow,
+    Rotate,
+    Trigger,
+    TriggerContext,
+    TriggerError,
+    TriggerRegistry,
+    Write,
+    check_args,
+    normalise,
+)
+from dtacq_ioc.readout.writer import BufferPool, Chunk, RunWriter
+
+log = logging.getLogger(__name__)
+
+# Header keys the system writes; logitems may not replace them.
+HEADER_KEYS = frozenset(
+    {
+        "channels",
+        "channel_list",
+        "byte_depth",
+        "bit_shift",
+        "is_float",
+        "ip",
+        "downsample",
+        "freq_hz",
+        "date",
+        "measurement_name",
+        "log",
+        "current_gains",
+        "gain_conversion",
+        "card",
+        "run_id",
+        "file_index",
+        "first_counter",
+        "type",
+        "filename",
+        "logitems",
+    }
+)
+MAX_LOGITEMS = 64
+
+
+class SettingsError(ValueError):
+    """Run settings that cannot be used; the message is one line naming what was wrong."""
+
+
+class RunState(enum.Enum):
+    IDLE = "IDLE"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+    FAULT = "FAULT"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a client asks for. Channels are 0-based over the stream's AI channels."""
+
+    sites: tuple[int, ...] = ()  # empty: the sites being streamed
+    buffer_bytes: int = 0  # 0: the current stream's buffer
+    channel_list: tuple[int, ...] = ()  # empty: all channels
+    downsample: int = 1
+    measurement_name: str = ""
+    log: str = ""
+    logitems: Mapping[str, Any] = field(default_factory=dict)
+    trigger: str = "always"
+    trigger_args: Mapping[str, Any] = field(default_factory=dict)
+    save_files: bool = True
+    upload: bool = False
+
+    def check(self) -> None:
+        """What can be checked without the card; SettingsError on the first problem."""
+        if isinstance(self.downsample, bool) or not isinstance(self.downsample, int):
+            raise SettingsError(f"downsample must be an integer, not {self.downsample!r}")
+        if self.downsample < 1:
+            raise SettingsError(f"downsample must be >= 1, got {self.downsample}")
+        if not isinstance(self.buffer_bytes, int) or self.buffer_bytes < 0:
+            raise SettingsError(f"buffer size must be a number of bytes >= 0: {self.buffer_bytes}")
+        for ch in self.channel_list:
+            if isinstance(ch, bool) or not isinstance(ch, int):
+                raise SettingsError(f"channel_list entries must be integers, not {ch!r}")
+        dupes = sorted({c for c in self.channel_list if self.channel_list.count(c) > 1})
+        if dupes:
+            raise SettingsError(f"channel_list repeats channels {dupes}")
+        if not isinstance(self.trigger, str) or not self.trigger.isidentifier():
+            raise SettingsError(f"trigger must be a trigger name, not {self.trigger!r}")
+        try:
+            check_args(dict(self.trigger_args))
+        except TriggerError as exc:
+            raise SettingsError(str(exc)) from None
+        if len(self.logitems) > MAX_LOGITEMS:
+            raise SettingsError(f"too many logitems ({len(self.logitems)} > {MAX_LOGITEMS})")
+        for key in self.logitems:
+            if not isinstance(key, str) or key in HEADER_KEYS or key.startswith("_"):
+                raise SettingsError(f"logitem {key!r} clashes with a header field or is not text")
+        try:
+            json.dumps(dict(self.logitems))
+        except (TypeError, ValueError) as exc:
+            raise SettingsError(f"logitems must be JSON values: {exc}") from None
+
+    def channels(self, nchan: int) -> tuple[int, ...]:
+        chosen = self.channel_list or tuple(range(nchan))
+        bad = [c for c in chosen if not 0 <= c < nchan]
+        if bad:
+            raise SettingsError(f"unknown channel {bad[0]} (channels are 0..{nchan - 1})")
+        return tuple(chosen)
+
+    def buffer_samples(self, sample_bytes: int, default_samples: int, max_bytes: int) -> int:
+        """The buffer in whole samples (bytes rounded down, as the old system did)."""
+        if not self.buffer_bytes:
+            return default_samples
+        if self.buffer_bytes < sample_bytes:
+            raise SettingsError(
+                f"buffer size {self.buffer_bytes} bytes is below one sample ({sample_bytes} bytes)"
+            )
+        if max_bytes and self.buffer_bytes > max_bytes:
+            raise SettingsError(
+                f"buffer size {self.buffer_bytes} bytes is above the maximum {max_bytes}"
+            )
+        return self.buffer_bytes // sample_bytes
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunSettings:
+        """From a client's dict, with the old startReadout names accepted as well."""
+        aliases = {
+            "mod_list": "sites",
+            "buffer_size": "buffer_bytes",
+            "should_save": "save_files",
+            "should_upload": "upload",
+        }
+        known = {f for f in cls.__dataclass_fields__}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            name = aliases.get(key, key)
+            if name not in known:
+                raise SettingsError(f"unknown run setting {key!r}")
+            values[name] = value
+        for name in ("sites", "channel_list"):
+            if name in values:
+                if not isinstance(values[name], list | tuple):
+                    raise SettingsError(f"{name} must be a list, not {values[name]!r}")
+                values[name] = tuple(values[name])
+        for name in ("logitems", "trigger_args"):
+            if name in values and not isinstance(values[name], dict):
+                raise SettingsError(f"{name} must be a dict, not {type(values[name]).__name__}")
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What a run needs to know about the card and its stream when it starts."""
+
+    card: str
+    host: str
+    sample_rate_hz: float
+    channel_map: ChannelMap
+    word_size: int
+    gains: Mapping[int, list[int]]  # site -> code per channel
+    gain_labels: Mapping[int, tuple[str, ...]]  # site -> label per code
+    buffer_samples: int
+
+
+class ChannelView(Mapping[int, np.ndarray]):
+    """The trigger's `v`: channel -> ADC codes, each shifted only when first asked for."""
+
+    def __init__(self, ai: np.ndarray, channel_map: ChannelMap):
+        self._ai = ai
+        self._map = channel_map
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __getitem__(self, channel: int) -> np.ndarray:
+        got = self._cache.get(channel)
+        if got is None:
+            if not 0 <= channel < self._map.nchan:
+                raise KeyError(channel)
+            got = self._map.shift(self._ai[:, channel], [channel])
+            self._cache[channel] = got
+        return got
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self._map.nchan))
+
+    def __len__(self) -> int:
+        return self._map.nchan
+
+
+OnRunState = Callable[["Run"], None]
+
+
+class Run:
+    """One run, from STARTING to IDLE (done) or FAULT (done, with `fault`)."""
+
+    def __init__(
+        self,
+        settings: RunSettings,
+        stream: StreamInfo,
+        data_dir: Path,
+        catalog: Any,
+        triggers: TriggerRegistry,
+        on_counter_error: str = "stop",
+        queue_buffers: int = 64,
+        opener: Opener | None = None,
+        on_state: OnRunState | None = None,
+        on_alarm: Callable[[str], None] | None = None,
+    ):
+        settings.check()
+        self.settings = settings
+        self.stream = stream
+        self.catalog = catalog
+        self.policy = on_counter_error
+        self.on_state = on_state
+        self.on_alarm = on_alarm
+        self.channels = settings.channels(stream.channel_map.nchan)
+        self.trigger_name = settings.trigger
+        self.trigger: Trigger = triggers.create(settings.trigger, dict(settings.trigger_args))
+        cmap = stream.channel_map
+        self._all_channels = self.channels == tuple(range(cmap.nchan))
+        self._idx = np.array(self.channels, dtype=np.intp)
+        self.downsample = settings.downsample
+        self.is_float = self.downsample > 1
+        self.byte_depth = 8 if self.is_float else stream.word_size
+        self.out_dtype = np.dtype("<f8") if self.is_float else np.dtype(f"<i{stream.word_size}")
+        self.row_bytes = len(self.channels) * self.byte_depth
+        self.trigger.setup(
+            TriggerContext(
+                sample_rate_hz=stream.sample_rate_hz,
+                channels=tuple(range(cmap.nchan)),
+                channel_list=self.channels,
+                downsample=self.downsample,
+                bytes_per_output_sample=self.row_bytes,
+                volts_per_code={c: float(cmap.volts_per_code[c]) for c in range(cmap.nchan)},
+            )
+        )
+        self.run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        self.started = time.time()
+        self.stopped: float | None = None
+        self.date = file_date(self.started)
+        self.directory = safe_path(data_dir, stream.card, self.run_id)
+        self.header = self._header()
+        self.state = RunState.STARTING
+        self.fault = ""
+        self.record_state = "complete"
+        self.samples = 0  # samples received while running
+        self.samples_written = 0  # raw samples selected for the files
+        self.counter_errors = 0
+        self.overruns = 0
+        self.files: list[RunFile] = []
+        self.record: RunRecord | None = None
+        self._new_file = False
+        # Re-entrant: a state callback on the socket thread may stop the run.
+        self._lock = threading.RLock()
+        self._done = threading.Event()
+        self._downsampler = (
+            Downsampler(self.downsample, len(self.channels)) if self.is_float else None
+        )
+        self._writer: RunWriter | None = None
+        if settings.save_files:
+            self.directory.mkdir(parents=True, exist_ok=False)
+            pool_rows = stream.buffer_samples // self.downsample + 1
+            pool = BufferPool(queue_buffers, max(1, pool_rows * self.row_bytes))
+            self._writer = RunWriter(
+                self.directory, self.date, self._file_header, pool, opener, self._writer_failed
+            )
+        self._catalog_call("run_started", self._record("running"))
+
+    # -- header and record --------------------------------------------------------------
+
+    def _header(self) -> dict[str, Any]:
+        s, st, cmap = self.settings, self.stream, self.stream.channel_map
+        first_site = cmap.sites[0]
+        # Downsampled files hold means of ADC codes: the shift is already applied.
+        shift = 0 if self.is_float else cmap.channel_shift(self.channels[0])
+        labels = st.gain_labels.get(first_site.site, first_site.spec.gain_labels)
+        header: dict[str, Any] = dict(s.logitems)
+        header.update(
+            channels=cmap.nchan,
+            channel_list=list(self.channels),
+            byte_depth=self.byte_depth,
+            bit_shift=shift,
+            is_float=self.is_float,
+            ip=st.host,
+            downsample=self.downsample,
+            freq_hz=st.sample_rate_hz,
+            date=self.date,  # as in the file names, UTC "YYYY-MM-DD HH-MM-SS.ffffff"
+            measurement_name=s.measurement_name or f"Digitizer {st.host}",
+            log=s.log,
+            current_gains={
+                str(site): {str(i + 1): code for i, code in enumerate(codes)}
+                for site, codes in st.gains.items()
+            },
+            gain_conversion={str(i): label for i, label in enumerate(labels)},
+            card=st.card,
+            run_id=self.run_id,
+        )
+        return header
+
+    def _file_header(self, index: int, first_counter: int) -> dict[str, Any]:
+        return {**self.header, "file_index": index, "first_counter": first_counter}
+
+    def _record(self, state: str) -> RunRecord:
+        writer = self._writer
+        return RunRecord(
+            run_id=self.run_id,
+            card=self.stream.card,
+            host=self.stream.host,
+            measurement_name=self.header["measurement_name"],
+            log=self.settings.log,
+            # The file header has logitems at top level (the old layout); the catalog
+            # also wants them by name, to put them at the top of the measurement document.
+            header={**self.header, "logitems": dict(self.settings.logitems)},
+            files=list(self.files),
+            started=self.started,
+            stopped=self.stopped,
+            samples=self.samples_written,
+            bytes_written=writer.bytes_written if writer else 0,
+            state=state,
+            counter_errors=self.counter_errors,
+            overruns=self.overruns,
+            fault=self.fault,
+            upload=self.settings.upload,
+        )
+
+    # -- state --------------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        return self.state in (RunState.STARTING, RunState.RUNNING)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def bytes_written(self) -> int:
+        return self._writer.bytes_written if self._writer else 0
+
+    @property
+    def current_file(self) -> str:
+        return self._writer.current_file if self._writer else ""
+
+    @property
+    def elapsed_s(self) -> float:
+        end = self.stopped if self.stopped is not None else time.time()
+        return end - self.started
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the files are closed and the record delivered."""
+        return self._done.wait(timeout)
+
+    def _set_state(self, state: RunState) -> None:
+        self.state = state
+        if self.on_state is not None:
+            try:
+                self.on_state(self)
+            except Exception:
+                log.exception("run %s: on_state callback failed", self.run_id)
+
+    def _alarm(self, message: str) -> None:
+        if self.on_alarm is not None:
+            try:
+                self.on_alarm(message)
+            except Exception:
+                log.exception("run %s: on_alarm callback failed", self.run_id)
+
+    def _catalog_call(self, method: str, record: RunRecord) -> None:
+        try:
+            getattr(self.catalog, method)(record)
+        except Exception:
+            # The catalog spools what it cannot deliver; a failure here is a bug to see.
+            log.exception("run %s: catalog %s failed", self.run_id, method)
+
+    # -- the socket thread --------------------------------------------------------------
+
+    def feed(self, samples: np.ndarray, gaps: list[Gap]) -> None:
+        """One buffer (structured, fields 'ai' and 'spad') and its counter jumps."""
+        with self._lock:
+            if not self.active:
+                return
+            if self.state is RunState.STARTING:
+                self._set_state(RunState.RUNNING)
+                if not self.active:  # the callback stopped the run
+                    return
+            n = len(samples)
+            self.samples += n
+            ai = samples["ai"]
+            counter = samples["spad"][:, 0]
+            end_reason = ""
+            if gaps:
+                self.counter_errors += len(gaps)
+                first = gaps[0]
+                message = (
+                    f"counter jump at sample {self.samples - n + first.position} of the run: "
+                    f"expected {first.expected}, got {first.got}"
+                )
+                self._alarm(f"run {self.run_id}: {message}")
+                if self.policy == "stop":
+                    # The old behaviour: keep the good samples before the jump, then end.
+                    n = first.position
+                    ai, counter = ai[:n], counter[:n]
+                    end_reason = message
+            actions = self._actions(ai, n) if n else []
+            ending = False
+            for action in actions:
+                if isinstance(action, Write):
+                    self._write(ai[action.start : action.end], int(counter[action.start]))
+                elif isinstance(action, Rotate):
+                    self._new_file = True
+                elif isinstance(action, End):
+                    ending = True
+                    break
+            if end_reason:
+                self._end_locked(end_reason, "fault")
+            elif ending:
+                self._end_locked("", "complete")
+
+    def _actions(self, ai: np.ndarray, n: int) -> list[Any]:
+        try:
+            return normalise(self.trigger.trigger(ChannelView(ai, self.stream.channel_map)), n)
+        except EndReadoutNow:
+            return [End()]
+        except Exception as exc:
+            log.exception("run %s: trigger %s failed", self.run_id, self.trigger_name)
+            reason = f"trigger {self.trigger_name} failed: {type(exc).__name__}: {exc}"
+            self._end_locked(reason.splitlines()[0], "fault")
+            return []
+
+    def _write(self, block: np.ndarray, first_counter: int) -> None:
+        if not self.active:  # a callback stopped the run during this buffer
+            return
+        rows = len(block)
+        if self._writer is None:
+            self.samples_written += rows
+            return
+        if self._downsampler is not None:
+            held = self._downsampler.held
+            codes = self.stream.channel_map.shift(block[:, self._idx], self._idx)
+            out = self._downsampler(codes)
+            first_counter = (first_counter - held) % COUNTER_MODULUS
+            done = self._submit(out, first_counter)
+            self.samples_written += rows if done == len(out) else done * self.downsample
+        else:
+            idx = None if self._all_channels else self._idx
+            self.samples_written += self._submit(block, first_counter, idx)
+
+    def _submit(self, rows: np.ndarray, first_counter: int, idx: np.ndarray | None = None) -> int:
+        """Copy rows (selecting columns `idx`) into pool buffers and queue them.
+
+        Returns the rows queued; the rest are lost to an overrun.
+        """
+        assert self._writer is not None
+        per_buf = self._writer.pool.nbytes // self.row_bytes
+        start = 0
+        while start < len(rows):
+            buf = self._writer.acquire()
+            if buf is None:
+                self._overrun(len(rows) - start)
+                break
+            take = min(per_buf, len(rows) - start)
+            dest = buf[: take * self.row_bytes].view(self.out_dtype).reshape(take, -1)
+            part = rows[start : start + take]
+            if idx is None:
+                np.copyto(dest, part, casting="no")
+            else:
+                np.take(part, idx, axis=1, out=dest, mode="clip")
+            self._writer.submit(Chunk(buf, take * self.row_bytes, self._new_file, first_counter))
+            self._new_file = False
+            start += take
+            first_counter = (first_counter + take * self.downsample) % COUNTER_MODULUS
+        return start
+
+    def _overrun(self, rows: int) -> None:
+        self.overruns += 1
+        # The next data starts a new file, so every file stays one unbroken stretch.
+        self._new_file = True
+        if self._downsampler is not None:
+            self._downsampler.reset()
+        # A slow disk overruns every buffer: report the first and then every 100th.
+        if self.overruns == 1 or self.overruns % 100 == 0:
+            log.warning(
+                "run %s: writer behind, %d rows dropped (overruns: %d)",
+                self.run_id,
+                rows,
+                self.overruns,
+            )
+            self._alarm(f"run {self.run_id}: writer overrun ({self.overruns})")
+
+    # -- ending ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """End the run cleanly from any thread; wait() for the files and record."""
+        with self._lock:
+            if self.active:
+                self._end_locked("", "complete")
+
+    def stream_ended(self, reason: str) -> None:
+        """The stream stopped under the run: keep what arrived, record why."""
+        with self._lock:
+            if self.active:
+                self._end_locked(reason, "interrupted" if reason else "complete")
+
+    def _writer_failed(self, reason: str) -> None:
+        with self._lock:
+            if self.active:
+                self._end_locked(reason, "fault")
+
+    def _end_locked(self, fault: str, record_state: str) -> None:
+        if not self.active:
+            return
+        self.fault = fault
+        self.record_state = record_state
+        self.stopped = time.time()
+        if fault:
+            log.error("run %s ends: %s", self.run_id, fault)
+            self._alarm(f"run {self.run_id}: {fault}")
+        self._set_state(RunState.STOPPING)
+        if self._writer is not None:
+            self._writer.finish(self._finished)
+        else:
+            # Nothing to write: finish on a thread of its own, the catalog may be slow.
+            threading.Thread(
+                target=self._finished, args=([], ""), name=f"run-end-{self.run_id}", daemon=True
+            ).start()
+
+    def _finished(self, files: list[RunFile], error: str) -> None:
+        self.files = files
+        if error and not self.fault:
+            self.fault, self.record_state = error, "fault"
+        self.record = self._record(self.record_state)
+        self._catalog_call("run_finished", self.record)
+        log.info(
+            "run %s %s: %d samples, %d bytes in %d files%s",
+            self.run_id,
+            self.record_state,
+            self.samples_written,
+            self.record.bytes_written,
+            len(files),
+            f" ({self.fault})" if self.fault else "",
+        )
+        self._set_state(RunState.FAULT if self.fault else RunState.IDLE)
+        self._done.set()
+
+    def status(self) -> dict[str, Any]:
+        """Counters for PVs and clients."""
+        return {
+            "run_id": self.run_id,
+            "state": self.state.value,
+            "fault": self.fault,
+            "samples": self.samples,
+            "samples_written": self.samples_written,
+            "bytes_written": self.bytes_written,
+            "current_file": self.current_file,
+            "files": len(self.files),
+            "counter_errors": self.counter_errors,
+            "overruns": self.overruns,
+            "elapsed_s": self.elapsed_s,
+        }
