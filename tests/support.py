@@ -13,6 +13,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,6 +119,19 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _drain(proc: subprocess.Popen, chunks: list[bytes]) -> None:
+    assert proc.stdout is not None
+    for line in iter(proc.stdout.readline, b""):
+        chunks.append(line)
+
+
+def output(proc: subprocess.Popen, timeout: float = 10.0) -> str:
+    """Everything a process started by `running` printed (all of it once it has exited)."""
+    if proc.poll() is not None:
+        proc.drain.join(timeout)  # type: ignore[attr-defined]
+    return b"".join(proc.chunks).decode(errors="replace")  # type: ignore[attr-defined]
+
+
 @contextlib.contextmanager
 def running(
     args: list[str],
@@ -134,6 +148,12 @@ def running(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
+    # Drain the pipe all along: a full pipe would block the child's logging, and so the child.
+    chunks: list[bytes] = []
+    drain = threading.Thread(target=_drain, args=(proc, chunks), daemon=True)
+    drain.start()
+    proc.drain = drain  # type: ignore[attr-defined]
+    proc.chunks = chunks  # type: ignore[attr-defined]
     try:
         if ready is not None:
             wait_for_port(*ready, timeout=timeout, proc=proc)

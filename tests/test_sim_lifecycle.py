@@ -9,7 +9,7 @@ import sys
 
 import paramiko
 import pytest
-from support import ROOT, child_env, free_port, sim_card_toml, sim_process, wait_for_port
+from support import ROOT, child_env, free_port, output, sim_card_toml, sim_process, wait_for_port
 from support import write_config as write_test_config
 from test_sim_support import TIMEOUT, Knobs, recv_all, recv_exact, sim_card, wait_refused
 
@@ -133,7 +133,8 @@ def test_sim_as_a_real_process(tmp_path, loopback):
         with socket.create_connection((loopback, 4210), timeout=TIMEOUT) as s:
             assert recv_exact(s, 40)[32:36] == b"\x01\x00\x00\x00"
         proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=TIMEOUT)[0].decode()
+        proc.wait(timeout=TIMEOUT)
+        out = output(proc)
         assert proc.returncode == 0, out
     assert f"simulator ready: P at {loopback}" in out
     with pytest.raises(ConnectionRefusedError):

@@ -21,6 +21,8 @@ from dtacq_ioc.config import Config
 from dtacq_ioc.ioc import pvs
 from dtacq_ioc.ioc.autosave import Autosave
 from dtacq_ioc.ioc.controller import CardController
+from dtacq_ioc.ioc.notify import Notifier
+from dtacq_ioc.ioc.status import IocStatus
 from dtacq_ioc.readout.triggers import TriggerRegistry
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,9 @@ async def serve(config: Config, list_pvs: bool = False, with_sim: bool = True) -
         CardController(card, config.ioc, config.archive, catalog, autosave, triggers, access)
         for card in config.cards
     ]
-    pvdb: dict = {}
+    notifier = Notifier()
+    status = IocStatus(config, controllers, catalog, notifier)
+    pvdb: dict = dict(status.pvdb)
     for c in controllers:
         pvdb.update(c.pvs.pvdb)
         if autosave.load_error:
@@ -73,7 +77,17 @@ async def serve(config: Config, list_pvs: bool = False, with_sim: bool = True) -
         for name in pvdb:
             log.info("PV %s", name)
 
-    tasks = [loop.create_task(start_server(pvdb, interfaces=list(config.ioc.interfaces)))]
+    async def serving(_async_lib) -> None:
+        # caproto calls this once its sockets are bound: clients can connect from now on.
+        notifier.ready(f"serving {len(pvdb)} PVs for {len(controllers)} cards")
+
+    server = start_server(pvdb, interfaces=list(config.ioc.interfaces), startup_hook=serving)
+    tasks = [
+        loop.create_task(server, name="ca-server"),
+        loop.create_task(status.run(), name="status"),
+    ]
+    if notifier.watchdog_s is not None:
+        tasks.append(loop.create_task(notifier.watchdog_loop(), name="watchdog"))
     for c in controllers:
         tasks.append(loop.create_task(c.run(), name=f"card-{c.name}"))
         tasks.append(loop.create_task(c.publish_loop(), name=f"publish-{c.name}"))
@@ -89,6 +103,7 @@ async def serve(config: Config, list_pvs: bool = False, with_sim: bool = True) -
     for t in failed:
         log.error("task %s failed: %r", t.get_name(), t.exception())
     log.info("shutting down: closing runs and cards")
+    notifier.stopping()
     if bridge is not None:
         await bridge.stop()
     await asyncio.gather(*(c.stop() for c in controllers), return_exceptions=True)
@@ -99,6 +114,7 @@ async def serve(config: Config, list_pvs: bool = False, with_sim: bool = True) -
     await asyncio.to_thread(catalog.close)
     if sim is not None:
         await stop_simulator(sim)
+    notifier.close()
     log.info("stopped")
     return 1 if failed else 0
 

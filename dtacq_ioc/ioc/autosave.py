@@ -87,7 +87,7 @@ class Autosave:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
-        except OSError as exc:
-            log.error("autosave: cannot write %s: %s", self.path, exc.strerror or exc)
+        except (OSError, TypeError, ValueError) as exc:
+            log.error("autosave: cannot write %s: %s", self.path, getattr(exc, "strerror", exc))
             with contextlib.suppress(OSError):
                 tmp.unlink()

@@ -13,12 +13,15 @@ import contextlib
 import json
 import logging
 import time
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from caproto import AlarmSeverity, AlarmStatus
 
 from dtacq_ioc.card.card import Card
 from dtacq_ioc.card.errors import CardError
+from dtacq_ioc.card.models import SPAD_WORDS
 from dtacq_ioc.config import ArchiveConfig, CardConfig, IocConfig
 from dtacq_ioc.ioc import pvs
 from dtacq_ioc.ioc.autosave import Autosave
@@ -37,6 +40,10 @@ RECENT_RUNS = 20
 _MAJOR = (AlarmStatus.STATE, AlarmSeverity.MAJOR_ALARM)
 _MINOR = (AlarmStatus.STATE, AlarmSeverity.MINOR_ALARM)
 _OK = (AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)
+
+
+class ConfigMismatch(CardError):
+    """The card is not what the config says (another module in a site)."""
 
 
 class PutRefused(Exception):
@@ -127,13 +134,17 @@ class CardController:
                 self.state = "IDLE"
                 backoff = BACKOFF_START_S
                 await self._watch_link()
+            except ConfigMismatch as exc:
+                self.state = "FAULT"  # a human must fix the card or the config
+                self._error(str(exc))
             except (CardError, OSError, SettingsError) as exc:
                 if not self._stopping.is_set():
                     self._error(str(exc) if self.name in str(exc) else f"{self.name}: {exc}")
             finally:
                 if not self._stopping.is_set():
                     await asyncio.to_thread(self._disconnect)
-                    self.state = "DISCONNECTED"
+                    if self.state != "FAULT":
+                        self.state = "DISCONNECTED"
             if self._stopping.is_set():
                 break
             log.info("%s: reconnecting in %.0f s", self.name, backoff)
@@ -158,7 +169,7 @@ class CardController:
             got = info.sites.get(site)
             if got is None or got.spec.name != module:
                 found = got.spec.name if got else "nothing"
-                raise CardError(
+                raise ConfigMismatch(
                     self.name,
                     f"{self.name}: site {site} has {found}, the config says {module} "
                     f"(cards.modules)",
@@ -184,17 +195,12 @@ class CardController:
                     code = layout.spec.gain_codes[layout.labels.index(label)]
                     self.card.set_gain(layout.site, int(parts[2]), code)
 
-    def _start_stream(self) -> None:
-        sample_bytes = self.readout.layout.sample_bytes if self.readout.layout else 0
-        size = int(self.pvs.value("BUFFER_SIZE"))
-        samples = size // sample_bytes if sample_bytes else None
-        self.readout.start(self.config.sites, samples or None)
-        if not samples and self.readout.layout is not None:
-            # First start: the layout is known only now; honour BUFFER_SIZE from here on.
-            wanted = max(1, size // self.readout.layout.sample_bytes)
-            if wanted != self.readout.buffer_samples:
-                self.readout.stop()
-                self.readout.start(self.config.sites, wanted)
+    def _start_stream(self, buffer_bytes: int | None = None) -> None:
+        """Stream with BUFFER_SIZE rounded down to whole samples (the config knows the layout)."""
+        sample_bytes = sum(s.spec.nchan * s.spec.word_size for s in self.pvs.sites)
+        sample_bytes += 4 * SPAD_WORDS
+        size = buffer_bytes or int(self.pvs.value("BUFFER_SIZE"))
+        self.readout.start(self.config.sites, max(1, size // sample_bytes))
 
     def _read_back(self) -> None:
         """Read the card's settings into readback values (called on a thread)."""
@@ -279,6 +285,8 @@ class CardController:
 
     async def put_setting(self, pvname: str, value: Any) -> Any:
         suffix = self._suffix(pvname)
+        if hasattr(value, "item"):
+            value = value.item()  # numpy scalars from caproto: keep autosave plain JSON
         if suffix.startswith("RUN:"):
             value = await self._check_run_setting(suffix, value)
         elif self._run_active():
@@ -334,12 +342,8 @@ class CardController:
         self._restart_stream()
 
     def _restart_stream(self, buffer_bytes: int | None = None) -> None:
-        layout = self.readout.layout
-        samples = None
-        if buffer_bytes and layout is not None:
-            samples = max(1, buffer_bytes // layout.sample_bytes)
         self.readout.stop()
-        self.readout.start(self.config.sites, samples or self.readout.buffer_samples or None)
+        self._start_stream(buffer_bytes)
         self._read_back()
 
     async def put_gain(self, pvname: str, value: Any) -> Any:
@@ -433,7 +437,7 @@ class CardController:
     def _reset_readout(self) -> None:
         self.readout.stop()
         self.card.reset_readout()
-        self.readout.start(self.config.sites, self.readout.buffer_samples or None)
+        self._start_stream()
 
     async def reboot(self, pvname: str, value: Any) -> str:
         if value not in ("Go", 1):
@@ -457,7 +461,10 @@ class CardController:
 
     async def publish_loop(self) -> None:
         period = 1.0 / self.ioc.display_rate_hz
-        await self._publish_recent()
+        try:
+            await self._publish_recent()
+        except Exception:
+            log.exception("%s: publishing recent runs failed", self.name)
         while True:
             started = time.monotonic()
             try:
@@ -471,8 +478,6 @@ class CardController:
         run = self.readout.run
         running = run is not None and not run.done
         state = "RUNNING" if running and connected else self.state
-        if run is not None and run.done and run.fault and state == "IDLE":
-            state = "FAULT"
         stats = self.readout.stats()
         upd = Update(link_ok=connected, timestamp=time.time())
         values = upd.values
@@ -547,7 +552,6 @@ class CardController:
         run = self.readout.run
         if run is None or not run.done or self._run_reported == run.run_id:
             return
-        self._run_reported = run.run_id
         st = run.status()
         result = {
             "run_id": st["run_id"],
@@ -559,6 +563,7 @@ class CardController:
             "files": [_relative(f.path, self.data_dir) for f in run.files],
         }
         await self.pvs.publish(Update(values={"RUN:LAST_RESULT": json.dumps(result)}))
+        self._run_reported = run.run_id
         await self._publish_recent()
 
     async def _publish_recent(self) -> None:
@@ -575,12 +580,18 @@ class CardController:
         await self.pvs.publish(Update(values={"RUN:RECENT": text}))
 
 
-def _relative(path: Any, data_dir: Any) -> str:
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
+def _relative(path: str | Path, data_dir: Path) -> str:
     """File paths as the bridge serves them under /data/."""
     try:
-        return str(path.relative_to(data_dir))
+        return str(Path(path).relative_to(data_dir))
     except ValueError:
-        return str(path.name)
+        return Path(path).name
 
 
 def _run_summary(record: Any, data_dir: Any) -> dict[str, Any]:
@@ -588,7 +599,8 @@ def _run_summary(record: Any, data_dir: Any) -> dict[str, Any]:
         "run_id": record.run_id,
         "name": record.measurement_name,
         "state": record.state,
-        "started": record.started.isoformat() if record.started else None,
+        "started": _iso(record.started),
+        "stopped": _iso(record.stopped),
         "samples": record.samples,
         "files": [_relative(f.path, data_dir) for f in record.files],
         "fault": record.fault,

@@ -211,13 +211,16 @@ def long_string(
     alarm_group: str | None = LINK,
     max_length: int = LONG_STRING,
 ) -> pvproperty:
-    """Text longer than 40 characters: a CHAR array read with `caget -S`."""
+    """Text longer than 40 characters: a CHAR array read with `caget -S`.
+
+    Reported as CHAR, not STRING: clients asking for the native type of a
+    STRING-reported PV get only its first 40 characters.
+    """
     prop = pvproperty(
         name=name,
         value=value,
         dtype=ChannelType.CHAR,
         max_length=max_length,
-        report_as_string=True,
         doc=doc[:40],
         read_only=put is None,
         alarm_group=alarm_group,

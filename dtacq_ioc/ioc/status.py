@@ -1,0 +1,268 @@
+"""The IOC's own health: a status PV group, and `dtacq-ioc status` that reads it over CA.
+
+PVs under the config's `ioc.prefix` (default `DTACQ:<name>:`), updated at 1 Hz:
+UPTIME, VERSION, CARDS, CARDS_CONNECTED, RUNS_SPOOLED, LAST_ERROR, HEARTBEAT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from caproto import AlarmSeverity, AlarmStatus, ChannelType
+from caproto.server import PVGroup
+
+from dtacq_ioc import __version__
+from dtacq_ioc.config import Config
+from dtacq_ioc.ioc import pvs
+
+if TYPE_CHECKING:
+    from dtacq_ioc.ioc.controller import CardController
+    from dtacq_ioc.ioc.notify import Notifier
+
+log = logging.getLogger(__name__)
+
+PERIOD_S = 1.0
+# Per-card PVs `dtacq-ioc status` shows, as (column title, PV suffix).
+CARD_COLUMNS = (
+    ("state", "STATE"),
+    ("connected", "CONNECTED"),
+    ("rate (Hz)", "SAMPLE_RATE_RBV"),
+    ("run", "RUN:STATE_RBV"),
+    ("MB/s", "STREAM:MBPS"),
+    ("counter errors", "STREAM:COUNTER_ERRORS"),
+)
+IOC_FIELDS = ("UPTIME", "VERSION", "CARDS", "CARDS_CONNECTED", "RUNS_SPOOLED", "HEARTBEAT",
+              "LAST_ERROR")  # fmt: skip
+# A long string's plain name gives its first 40 characters (DBR_STRING); the whole text
+# is the CHAR array at NAME.VAL$ (EPICS's long-string modifier, which caproto serves).
+LONG_STRINGS = ("LAST_ERROR",)
+
+_OK = (AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)
+_MINOR = (AlarmStatus.STATE, AlarmSeverity.MINOR_ALARM)
+
+
+class StatusGroup(PVGroup):
+    """Read-only PVs; names relative to the IOC prefix."""
+
+    uptime = pvs.number("UPTIME", "IOC uptime", units="s", precision=0, alarm_group=None)
+    version = pvs.string("VERSION", "dtacq-ioc version", value=__version__, alarm_group=None)
+    cards = pvs.integer("CARDS", "Cards configured", alarm_group=None)
+    cards_connected = pvs.integer("CARDS_CONNECTED", "Cards connected", alarm_group=None)
+    runs_spooled = pvs.integer("RUNS_SPOOLED", "Runs waiting for the database",
+                               alarm_group=None)  # fmt: skip
+    last_error = pvs.long_string("LAST_ERROR", "Latest error of IOC or a card", alarm_group=None)
+    heartbeat = pvs.integer("HEARTBEAT", "IOC heartbeat, +1 per second", alarm_group=None)
+
+
+class _LatestError(logging.Handler):
+    """Keeps the text of the newest ERROR record logged by the IOC's own code."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.text = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.text = record.getMessage()
+
+
+class IocStatus:
+    """Publishes the status group from the controllers, the catalog and the error log."""
+
+    def __init__(
+        self,
+        config: Config,
+        controllers: Sequence[CardController],
+        catalog: Any,
+        notifier: Notifier | None = None,
+    ):
+        self.config = config
+        self.controllers = list(controllers)
+        self.catalog = catalog
+        self.notifier = notifier
+        self.group = StatusGroup(prefix=config.ioc.prefix)
+        self.pvdb = self.group.pvdb
+        self._started = time.monotonic()
+        self._errors = _LatestError()
+        self._card_errors = {c.name: c.last_error for c in self.controllers}
+        self._last_error = next((e for e in self._card_errors.values() if e), "")
+        self._last_status = ""
+        self._alarm: tuple[AlarmStatus, AlarmSeverity] | None = None
+
+    def pv(self, suffix: str):
+        return self.pvdb[self.config.ioc.prefix + suffix]
+
+    async def run(self) -> None:
+        """Update every PERIOD_S until cancelled; watches the `dtacq_ioc` log for errors."""
+        root = logging.getLogger("dtacq_ioc")
+        root.addHandler(self._errors)
+        try:
+            await self.pv("CARDS").write(len(self.controllers), verify_value=False)
+            while True:
+                started = time.monotonic()
+                try:
+                    await self.update()
+                except Exception:
+                    log.exception("updating the status PVs failed")
+                await asyncio.sleep(max(0.0, PERIOD_S - (time.monotonic() - started)))
+        finally:
+            root.removeHandler(self._errors)
+
+    def connected(self) -> int:
+        return sum(c.pvs.value("CONNECTED") == "Yes" for c in self.controllers)
+
+    def spooled(self) -> int:
+        spool = getattr(self.catalog, "spool", None)
+        return len(spool.pending()) if spool is not None else 0
+
+    def _newest_error(self) -> str:
+        if self._errors.text:
+            self._last_error, self._errors.text = self._errors.text, ""
+        for c in self.controllers:  # a card error not (yet) logged still counts
+            if c.last_error != self._card_errors.get(c.name):
+                self._card_errors[c.name] = c.last_error
+                if c.last_error:
+                    self._last_error = c.last_error
+        return self._last_error
+
+    async def update(self) -> None:
+        now = time.time()
+        uptime = time.monotonic() - self._started
+        connected = self.connected()
+        spooled = await asyncio.to_thread(self.spooled)
+        values = {
+            "UPTIME": float(int(uptime)),
+            "HEARTBEAT": int(uptime),
+            "CARDS_CONNECTED": connected,
+            "RUNS_SPOOLED": spooled,
+            "LAST_ERROR": self._newest_error()[-(pvs.LONG_STRING - 1) :],
+        }
+        for suffix, value in values.items():
+            pv = self.pv(suffix)
+            if suffix in ("UPTIME", "HEARTBEAT") or pv.value != value:
+                await pv.write(value, verify_value=False, timestamp=now)
+        alarm = _OK if connected == len(self.controllers) else _MINOR
+        if alarm != self._alarm:
+            self._alarm = alarm
+            await self.pv("CARDS_CONNECTED").write_metadata(status=alarm[0], severity=alarm[1])
+        self._notify_status(connected, spooled)
+
+    def _notify_status(self, connected: int, spooled: int) -> None:
+        text = f"{connected}/{len(self.controllers)} cards connected, {spooled} runs spooled"
+        if self.notifier is not None and text != self._last_status:
+            self._last_status = text
+            self.notifier.status(text)
+
+
+# --- `dtacq-ioc status CONFIG`: a Channel Access client ---------------------------------
+
+
+class StatusUnavailable(Exception):
+    """The IOC did not answer; str is the one-line reason."""
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    ioc: dict[str, str]  # status suffix -> text
+    cards: dict[str, dict[str, str]]  # card name -> PV suffix -> text ("" when unanswered)
+
+
+def _text(pv: Any, timeout: float) -> str:
+    """One PV's value as text: enums by label, long strings decoded, numbers compact."""
+    native = pv.channel.native_data_type
+    if native == ChannelType.ENUM:
+        reading = pv.read(data_type=ChannelType.STRING, timeout=timeout)
+    else:
+        reading = pv.read(timeout=timeout)
+    data = reading.data
+    if native == ChannelType.CHAR:
+        return bytes(data).rstrip(b"\0").decode("utf-8", "replace")
+    value = data[0]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if native in (ChannelType.DOUBLE, ChannelType.FLOAT):
+        return f"{float(value):.6g}"
+    return str(value)
+
+
+def _full(suffix: str) -> str:
+    return suffix + ".VAL$" if suffix in LONG_STRINGS else suffix
+
+
+def read_status(config: Config, timeout: float) -> StatusReport:
+    """Read the IOC's status and each card's summary PVs; StatusUnavailable if no answer."""
+    from caproto.threading.client import Context
+
+    prefix = config.ioc.prefix
+    ioc_names = [prefix + _full(s) for s in IOC_FIELDS]
+    card_names = [c.prefix + s for c in config.cards for _, s in CARD_COLUMNS]
+    deadline = time.monotonic() + timeout
+    with Context(timeout=timeout) as ctx:
+        found = ctx.get_pvs(*ioc_names, *card_names, timeout=timeout)
+        by_name = dict(zip([*ioc_names, *card_names], found, strict=True))
+
+        def read(name: str) -> str | None:
+            left = max(0.05, deadline - time.monotonic())
+            try:
+                by_name[name].wait_for_connection(timeout=left)
+                return _text(by_name[name], left)
+            except (TimeoutError, OSError) as exc:
+                log.debug("%s: %r", name, exc)
+                return None
+
+        heartbeat = read(prefix + "HEARTBEAT")
+        if heartbeat is None:
+            raise StatusUnavailable(
+                f"IOC {config.ioc.name!r} did not answer {prefix}HEARTBEAT within {timeout:g} s "
+                "(not running, or not reachable through EPICS_CA_ADDR_LIST)"
+            )
+        ioc = {s: read(prefix + _full(s)) or "" for s in IOC_FIELDS}
+        cards = {
+            c.name: {s: read(c.prefix + s) or "" for _, s in CARD_COLUMNS} for c in config.cards
+        }
+    return StatusReport(ioc=ioc, cards=cards)
+
+
+def render(config: Config, report: StatusReport) -> list[Any]:
+    """The report as rich tables: the IOC's fields, then one row per card."""
+    from rich.table import Table
+
+    ioc = Table(title=f"IOC {config.ioc.name} ({config.ioc.prefix})", show_header=False)
+    ioc.add_column("field", style="bold")
+    ioc.add_column("value", overflow="fold")
+    for field in IOC_FIELDS:
+        ioc.add_row(field, report.ioc.get(field, ""))
+    cards = Table(title="Cards")
+    cards.add_column("card", style="bold")
+    cards.add_column("prefix")
+    for title, _ in CARD_COLUMNS:
+        cards.add_column(title, justify="right" if title != "state" else "left")
+    for c in config.cards:
+        values = report.cards.get(c.name, {})
+        cards.add_row(c.name, c.prefix, *(values.get(s, "") or "?" for _, s in CARD_COLUMNS))
+    return [ioc, cards]
+
+
+def print_status(config: Config, timeout: float = 3.0) -> int:
+    """`dtacq-ioc status`: 0 and tables on stdout, or 1 and a one-line error on stderr."""
+    from rich.console import Console
+
+    # The CA client logs search retries at WARNING; they would bury the table.
+    logging.getLogger("caproto").setLevel(logging.ERROR)
+    try:
+        report = read_status(config, timeout)
+    except StatusUnavailable as exc:
+        sys.stderr.write(f"dtacq-ioc status: {exc}\n")
+        return 1
+    # PV names are data: no ":UP:" emoji, no [markup] from error texts.
+    console = Console(file=sys.stdout, emoji=False, markup=False, highlight=False)
+    for table in render(config, report):
+        console.print(table)
+    return 0

@@ -1,0 +1,250 @@
+"""The IOC as operators use it: a real `dtacq-ioc run` process, pyepics (libca) and caproto.
+
+The card is a simulated ACQ425ELF at its real ports on a loopback address of the
+test's own; the IOC starts the simulator itself, as `dtacq-ioc run` does.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import epics
+import numpy as np
+import pytest
+from caproto import ChannelType, ErrorResponseReceived
+from caproto.sync.client import write as ca_write
+from caproto.threading.client import Context
+from ioc_support import caget, castr, ioc_process, ioc_toml, new_prefix, wait_for
+
+from dtacq_ioc.archive.dig import read_run
+from dtacq_ioc.archive.sqlite import SqliteCatalog
+from dtacq_ioc.card.knobs import KnobClient
+from dtacq_ioc.card.models import module_spec
+from dtacq_ioc.config import load_config
+from dtacq_ioc.sim.signals import SignalTable, SiteSignals
+
+SINE = '[{kind = "sine", amplitude_v = 5.0, freq_hz = 1000.0}]'
+SIGNALS = f"signals = {SINE}"
+
+
+@pytest.fixture
+def ioc(tmp_path, loopback):
+    prefix = new_prefix()
+    config = ioc_toml(tmp_path, loopback, prefix, site_extra=SIGNALS)
+    with ioc_process(config, prefix, loopback) as running_ioc:
+        yield running_ioc
+
+
+def sim_knob(host: str, knob: str, value: object = None, site: int = 0) -> str:
+    """Talk to the simulated card directly, as an engineer with nc would."""
+    client = KnobClient("sim", host, site, 4220 + site, 5.0)
+    try:
+        return client.query(knob) if value is None else client.set(knob, value)
+    finally:
+        client.close()
+
+
+def put(name: str, value, wait: bool = True):
+    return epics.caput(name, value, wait=wait, timeout=10.0)
+
+
+def assert_put_refused(name: str, value) -> None:
+    """caproto's sync client reports a failed put (pyepics does not tell put failures apart)."""
+    with pytest.raises(ErrorResponseReceived):
+        ca_write(name, value, notify=True, timeout=10)
+
+
+def test_identity_and_settings_readable_with_pyepics_and_caproto(ioc):
+    assert caget(ioc.pv("MODEL")) == "acq2106"
+    assert caget(ioc.pv("1:MODEL")) == "ACQ425ELF"
+    assert caget(ioc.pv("1:NCHAN")) == 16
+    assert caget(ioc.pv("CONNECTED"), as_string=True) == "Yes"
+    assert caget(ioc.pv("SAMPLE_RATE_RBV")) == pytest.approx(1e6)
+    ctx = Context()
+    try:
+        model, state, desc = ctx.get_pvs(
+            ioc.pv("1:MODEL"), ioc.pv("STATE"), ioc.pv("CLKDIV.DESC"), timeout=5
+        )
+        assert model.read().data[0] == b"ACQ425ELF"
+        assert state.read(data_type=ChannelType.STRING).data[0] == b"IDLE"
+        assert desc.read().data[0] == b"Clock divider"
+        units = ctx.get_pvs(ioc.pv("SAMPLE_RATE_RBV"))[0].read(data_type="control")
+        assert units.metadata.units == b"Hz"
+    finally:
+        ctx.disconnect()
+
+
+def test_clkdiv_put_changes_readback_and_the_cards_actual_rate(ioc):
+    assert put(ioc.pv("CLKDIV"), 200) == 1
+    wait_for(lambda: caget(ioc.pv("CLKDIV_RBV")) == 200, "CLKDIV_RBV 200")
+    assert caget(ioc.pv("SAMPLE_RATE_RBV")) == pytest.approx(500_000)
+    assert sim_knob(ioc.host, "clkdiv", site=1) == "200"
+    # The stream itself now runs at the new rate: count samples over a measured interval.
+    wait_for(lambda: caget(ioc.pv("STREAM:MBPS")) > 0, "stream flowing")
+    s0, t0 = caget(ioc.pv("STREAM:SAMPLES")), time.monotonic()
+    wait_for(lambda: caget(ioc.pv("STREAM:SAMPLES")) > s0 + 1_500_000, "1.5 M samples")
+    s1, t1 = caget(ioc.pv("STREAM:SAMPLES")), time.monotonic()
+    assert (s1 - s0) / (t1 - t0) == pytest.approx(500_000, rel=0.25)
+
+
+def test_bad_puts_are_refused_and_change_nothing(ioc):
+    before = caget(ioc.pv("CLKDIV"))
+    # Below the module's limit: caproto refuses it before any code of ours runs.
+    assert_put_refused(ioc.pv("CLKDIV"), [10])
+    # Within the limit but a rate below the 5 kHz minimum: the IOC refuses it.
+    assert_put_refused(ioc.pv("CLKDIV"), [60000])
+    assert caget(ioc.pv("CLKDIV")) == before
+    assert caget(ioc.pv("CLKDIV_RBV")) == before
+    assert "below the minimum" in castr(ioc.pv("LAST_ERROR"))
+    assert_put_refused(ioc.pv("RUN:CHANNELS"), b"0,banana")
+    assert_put_refused(ioc.pv("RUN:TRIGGER"), [b"no_such_trigger"])
+    assert caget(ioc.pv("RUN:TRIGGER")) == "always"
+    assert castr(ioc.pv("RUN:CHANNELS")) == ""
+
+
+def test_gain_put_reaches_the_card_and_scales_volts(ioc):
+    labels = caget(ioc.pv("1:GAIN:01"), as_string=True)
+    assert labels == "x1"
+    assert put(ioc.pv("1:GAIN:01"), "x2") == 1
+    wait_for(lambda: sim_knob(ioc.host, "gain1", site=1) == "1", "gain1 on the card")
+    # A 5 V sine on the ±5 V range: the volts readback still shows 5 V peaks.
+    wait_for(lambda: abs(caget(ioc.pv("1:AI:CH:01:MAX")) - 5.0) < 0.1, "5 V peaks at x2")
+    assert put(ioc.pv("1:GAIN:ALL"), "x4") == 1
+    wait_for(lambda: sim_knob(ioc.host, "gains", site=1) == "2" * 16, "all gains x4")
+    assert caget(ioc.pv("1:GAIN:07"), as_string=True) == "x4"
+
+
+def test_waveform_monitor_sees_the_sine_at_the_display_rate(ioc):
+    frames: list[tuple[float, np.ndarray]] = []
+    pv = epics.PV(ioc.pv("1:AI:WF:01:V"), auto_monitor=True)
+    pv.add_callback(lambda value=None, **kw: frames.append((time.monotonic(), value)))
+    try:
+        wait_for(lambda: len(frames) >= 21, "21 waveform updates")
+    finally:
+        pv.clear_callbacks()
+        pv.disconnect()
+    times = [t for t, _ in frames[1:]]
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    assert 5.0 < rate < 15.0, rate  # display rate 10 Hz
+    wf = frames[-1][1]
+    assert len(wf) == 1024
+    assert wf.max() == pytest.approx(5.0, abs=0.05) and wf.min() == pytest.approx(-5.0, abs=0.05)
+    # 1 kHz at 1 MHz: 1000 samples a period, so the peak repeats 1000 samples on.
+    peak = int(np.argmax(wf[:1000]))
+    assert wf[peak + 1000 - 1 : peak + 1000 + 2].max() == pytest.approx(5.0, abs=0.05)
+    spec = caget(ioc.pv("1:AI:SPEC:01"))
+    freq = caget(ioc.pv("1:AI:SPEC:FREQ"))
+    assert freq[int(np.argmax(spec))] == pytest.approx(1000, abs=2 * freq[1])
+
+
+def test_a_run_through_pvs_archives_exactly_what_the_card_sent(ioc):
+    put(ioc.pv("CLKDIV"), 1000)  # 100 kHz
+    wait_for(lambda: caget(ioc.pv("SAMPLE_RATE_RBV")) == 100_000, "100 kHz")
+    assert put(ioc.pv("RUN:NAME"), "pv run") == 1
+    assert put(ioc.pv("RUN:LOG"), "started from pyepics") == 1
+    assert put(ioc.pv("RUN:START"), 1) == 1
+    wait_for(lambda: caget(ioc.pv("RUN:STATE_RBV"), as_string=True) == "RUNNING", "RUNNING")
+    wait_for(lambda: caget(ioc.pv("RUN:SAMPLES_RBV")) > 150_000, "1.5 s of samples")
+    assert put(ioc.pv("RUN:STOP"), 1) == 1
+    result = wait_for(lambda: castr(ioc.pv("RUN:LAST_RESULT")), "a run result")
+    result = json.loads(result)
+    assert result["state"] == "IDLE" and not result["fault"], result
+    header, chans = read_run([ioc.data_dir / f for f in result["files"]])
+    assert header["measurement_name"] == "pv run" and header["log"] == "started from pyepics"
+    config = load_config(ioc.config)
+    spec = module_spec("ACQ425ELF")
+    sim_site = config.cards[0].sim.sites[0]
+    table = SignalTable([SiteSignals(1, spec, sim_site.signals, (0,) * 16, False)], 100_000)
+    n = len(chans[0])
+    assert n == result["samples"] > 150_000
+    want = table.site_words(1, header["first_counter"] - 1, n)
+    for ch in range(16):
+        np.testing.assert_array_equal(chans[ch], want[:, ch])
+    catalog = SqliteCatalog(ioc.data_dir / "runs.sqlite")
+    try:
+        record = catalog.get_run(result["run_id"])
+        assert record.state == "complete" and record.samples == n
+    finally:
+        catalog.close()
+    recent = json.loads(castr(ioc.pv("RUN:RECENT")))
+    assert recent[0]["run_id"] == result["run_id"]
+
+
+def test_card_pulled_mid_run_alarms_closes_the_run_and_recovers(ioc):
+    put(ioc.pv("CLKDIV"), 1000)
+    assert put(ioc.pv("RUN:START"), 1) == 1
+    wait_for(lambda: caget(ioc.pv("RUN:SAMPLES_RBV")) > 50_000, "run under way")
+    rbv = epics.PV(ioc.pv("CLKDIV_RBV"), form="ctrl")
+    rbv.wait_for_connection(5)
+    sim_knob(ioc.host, "SIM:REBOOT", 4)
+    wait_for(lambda: caget(ioc.pv("CONNECTED"), as_string=True) == "No", "link down")
+    wait_for(lambda: rbv.get_ctrlvars() and rbv.severity == 3, "CLKDIV_RBV INVALID")
+    result = json.loads(wait_for(lambda: castr(ioc.pv("RUN:LAST_RESULT")), "run closed"))
+    assert result["samples"] > 50_000 and result["fault"], result
+    _, chans = read_run([ioc.data_dir / f for f in result["files"]])
+    assert len(chans[0]) == result["samples"]
+    wait_for(lambda: caget(ioc.pv("STATE"), as_string=True) == "IDLE", "reconnected", 60)
+    wait_for(lambda: rbv.get_ctrlvars() and rbv.severity == 0, "alarm cleared")
+    rbv.disconnect()
+
+
+def test_access_rules_refuse_writes_from_other_hosts(tmp_path, loopback):
+    prefix = new_prefix()
+    config = ioc_toml(
+        tmp_path, loopback, prefix, ioc_extra='[ioc.access]\nwrite_hosts = ["control-room"]'
+    )
+    with ioc_process(config, prefix, loopback) as ioc:
+        pv = epics.PV(ioc.pv("CLKDIV"))
+        assert pv.wait_for_connection(5)
+        assert pv.read_access and not pv.write_access
+        with pytest.raises(epics.ca.CASeverityException, match="Write access denied"):
+            pv.put(200, wait=True)
+        assert caget(ioc.pv("CLKDIV")) == 100
+        pv.disconnect()
+
+
+def test_settings_are_autosaved_and_restored(tmp_path, loopback):
+    # A new prefix per start: pyepics must not answer from the previous IOC's channels.
+    def start():
+        prefix = new_prefix()
+        return ioc_process(ioc_toml(tmp_path, loopback, prefix), prefix, loopback)
+
+    with start() as ioc:
+        assert put(ioc.pv("CLKDIV"), 250) == 1
+        assert put(ioc.pv("RUN:NAME"), "kept across restarts") == 1
+        assert put(ioc.pv("1:GAIN:03"), "x8") == 1
+        saved = tmp_path / "autosave" / "test.json"
+        wait_for(lambda: saved.exists() and "kept across" in saved.read_text(), "autosave file")
+    with start() as ioc:
+        assert caget(ioc.pv("CLKDIV")) == 250
+        assert caget(ioc.pv("CLKDIV_RBV")) == 250  # applied to the (restarted) card
+        assert castr(ioc.pv("RUN:NAME")) == "kept across restarts"
+        wait_for(lambda: caget(ioc.pv("1:GAIN:03"), as_string=True) == "x8", "gain restored")
+        assert sim_knob(ioc.host, "gain3", site=1) == "3"
+    saved.write_text("{ not json")
+    with start() as ioc:
+        assert caget(ioc.pv("CLKDIV")) == 100  # defaults
+        assert caget(ioc.pv("CLKDIV_RBV")) == 100
+        assert "corrupt" in castr(ioc.pv("LAST_ERROR"))
+
+
+def test_sigterm_mid_run_closes_the_run_and_its_files(tmp_path, loopback):
+    prefix = new_prefix()
+    config = ioc_toml(tmp_path, loopback, prefix)
+    with ioc_process(config, prefix, loopback) as ioc:
+        put(ioc.pv("CLKDIV"), 1000)
+        assert put(ioc.pv("RUN:START"), 1) == 1
+        wait_for(lambda: caget(ioc.pv("RUN:SAMPLES_RBV")) > 50_000, "run under way")
+        run_id = castr(ioc.pv("RUN:ID_RBV"))
+        ioc.proc.send_signal(signal.SIGTERM)
+        assert ioc.proc.wait(30) == 0
+    catalog = SqliteCatalog(tmp_path / "data" / "runs.sqlite")
+    try:
+        record = catalog.get_run(run_id)
+    finally:
+        catalog.close()
+    assert record.state in ("complete", "fault") and record.samples > 50_000
+    _, chans = read_run([f.path for f in record.files])
+    assert len(chans[0]) == record.samples
