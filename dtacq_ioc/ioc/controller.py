@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from caproto import AlarmSeverity, AlarmStatus
 
 from dtacq_ioc.card.card import Card
@@ -479,7 +480,7 @@ class CardController:
         running = run is not None and not run.done
         state = "RUNNING" if running and connected else self.state
         stats = self.readout.stats()
-        upd = Update(link_ok=connected, timestamp=time.time())
+        upd = Update(link_ok=connected)
         values = upd.values
         values.update(
             STATE=state,
@@ -501,6 +502,7 @@ class CardController:
         self._run_values(upd)
         if connected and self.readout.display is not None:
             await self._frame_values(upd)
+        upd.timestamp = time.time()  # when the values are published, after the arithmetic
         await self.pvs.publish(upd)
         await self._report_finished_run()
 
@@ -536,13 +538,16 @@ class CardController:
             values[pre + "AI:WF:TB"] = snap.timebase_s
             if len(snap.freq_hz):
                 values[pre + "AI:SPEC:FREQ"] = snap.freq_hz
-            raw_type = "<i2" if layout.spec.word_size == 2 else "<i4"
+            # Each snapshot's arrays are new, so PVs may keep views of their rows.
+            raw = snap.raw[layout.channels.start : layout.channels.stop]
+            if layout.spec.word_size == 2:
+                raw = raw.astype(np.int16)
             for i, col in enumerate(layout.channels):
                 ch = f"{i + 1:02d}"
-                values[f"{pre}AI:WF:{ch}"] = snap.raw[:, col].astype(raw_type)
-                values[f"{pre}AI:WF:{ch}:V"] = snap.volts[:, col].copy()
+                values[f"{pre}AI:WF:{ch}"] = raw[i]
+                values[f"{pre}AI:WF:{ch}:V"] = snap.volts[col]
                 if len(snap.freq_hz):
-                    values[f"{pre}AI:SPEC:{ch}"] = snap.spectrum[:, col].copy()
+                    values[f"{pre}AI:SPEC:{ch}"] = snap.spectrum[col]
                 values[f"{pre}AI:CH:{ch}"] = float(snap.mean[col])
                 values[f"{pre}AI:CH:{ch}:MIN"] = float(snap.minimum[col])
                 values[f"{pre}AI:CH:{ch}:MAX"] = float(snap.maximum[col])

@@ -17,7 +17,7 @@ from dtacq_ioc.readout.transform import ChannelMap
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Arrays are (samples, channels) or (bins, channels); statistics are per channel."""
+    """Arrays are (channels, samples) or (channels, bins); statistics are per channel."""
 
     raw: np.ndarray  # ADC codes (bit shift applied), oldest first
     volts: np.ndarray
@@ -33,7 +33,7 @@ class Snapshot:
 
     @property
     def samples(self) -> int:
-        return len(self.raw)
+        return self.raw.shape[-1]
 
 
 class DisplayStage:
@@ -77,19 +77,24 @@ class DisplayStage:
     def snapshot(self) -> Snapshot:
         with self._lock:
             n = self._filled
+            # Channel-major from here on: each channel's samples are contiguous, so the
+            # statistics, the FFT and the per-channel PVs never walk strided columns.
+            raw = np.empty((self._ring.shape[1], n), dtype=self._ring.dtype)
             if n < self.size:
-                raw = self._ring[:n].copy()
+                raw[:] = self._ring[:n].T
             else:
-                raw = np.concatenate((self._ring[self._pos :], self._ring[: self._pos]))
+                tail = self.size - self._pos
+                raw[:, :tail] = self._ring[self._pos :].T
+                raw[:, tail:] = self._ring[: self._pos].T
             vpc = self.channel_map.volts_per_code
             rate = self.sample_rate_hz
             updates = self._updates
-        volts = raw * vpc
-        nchan = raw.shape[1]
+        volts = raw * np.asarray(vpc, dtype=np.float64)[:, None]
+        nchan = raw.shape[0]
         if n:
-            minimum, maximum = volts.min(axis=0), volts.max(axis=0)
-            mean = volts.mean(axis=0)
-            rms = np.sqrt(np.mean(np.square(volts), axis=0))
+            minimum, maximum = volts.min(axis=1), volts.max(axis=1)
+            mean = volts.mean(axis=1)
+            rms = np.sqrt(np.einsum("ij,ij->i", volts, volts) / n)
         else:
             minimum = maximum = mean = rms = np.zeros(nchan)
         spectrum, freq = amplitude_spectrum(volts, rate)
@@ -110,17 +115,18 @@ class DisplayStage:
 
 
 def amplitude_spectrum(volts: np.ndarray, rate_hz: float) -> tuple[np.ndarray, np.ndarray]:
-    """Single-sided amplitude spectrum per column with a Hann window, in volts.
+    """Single-sided amplitude spectrum per row (channel) with a Hann window, in volts.
 
     Scaled by the window's sum so a sine of amplitude A peaks at A (DC shows its level).
     """
-    n = len(volts)
+    n = volts.shape[-1]
     if n < 2:
-        return np.zeros((0, volts.shape[1] if volts.ndim == 2 else 1)), np.zeros(0)
+        return np.zeros((volts.shape[0] if volts.ndim == 2 else 1, 0)), np.zeros(0)
     window = np.hanning(n)
-    spec = np.abs(np.fft.rfft(volts * window[:, None], axis=0)) * (2.0 / window.sum())
-    spec[0] /= 2.0
+    spec = np.abs(np.fft.rfft(volts * window, axis=-1)) * (2.0 / window.sum())
+    spec[..., 0] /= 2.0
     if n % 2 == 0:
-        spec[-1] /= 2.0  # the Nyquist bin has no mirror image either
-    freq = np.fft.rfftfreq(n, 1.0 / rate_hz) if rate_hz > 0 else np.arange(len(spec), dtype=float)
+        spec[..., -1] /= 2.0  # the Nyquist bin has no mirror image either
+    bins = spec.shape[-1]
+    freq = np.fft.rfftfreq(n, 1.0 / rate_hz) if rate_hz > 0 else np.arange(bins, dtype=float)
     return spec, freq
