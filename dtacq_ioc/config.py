@@ -147,6 +147,7 @@ class AccessConfig:
 @dataclass(frozen=True)
 class IocConfig:
     name: str = "dtacq"
+    prefix: str = ""  # of the IOC's own status PVs; the loader fills in DTACQ:<name>:
     interfaces: tuple[str, ...] = ("127.0.0.1",)
     display_rate_hz: float = 10.0
     display_samples: int = 4096
@@ -174,6 +175,7 @@ class ArchiveConfig:
     spool_dir: Path | None = None  # default: <data_dir>/spool
     on_counter_error: str = "stop"
     writer_queue_buffers: int = 64
+    retry_max_s: float = 300.0  # longest wait between deliveries to an unreachable catalog
     couchdb: CouchConfig = CouchConfig()
 
     @property
@@ -518,8 +520,10 @@ def _ioc(t: _Table) -> IocConfig:
         write_hosts=a.strings("write_hosts"), write_users=a.strings("write_users")
     )
     a.finish()
+    name = t.get("name", str, d.name)
     ioc = IocConfig(
-        name=t.get("name", str, d.name),
+        name=name,
+        prefix=t.get("prefix", str, f"DTACQ:{name}:", _prefix_check),
         interfaces=t.strings("interfaces", d.interfaces),
         display_rate_hz=t.get(
             "display_rate_hz",
@@ -562,6 +566,7 @@ def _archive(t: _Table) -> ArchiveConfig:
         spool_dir=t.file_path("spool_dir", None),
         on_counter_error=t.choice("on_counter_error", COUNTER_ERROR_POLICIES, d.on_counter_error),
         writer_queue_buffers=t.positive("writer_queue_buffers", int, d.writer_queue_buffers),
+        retry_max_s=t.positive("retry_max_s", float, d.retry_max_s),
         couchdb=couch,
     )
     t.finish()
@@ -605,6 +610,10 @@ def parse_config(text: str, path: Path) -> Config:
         dupes = sorted({v for v in values if v and values.count(v) > 1})
         if dupes:
             root.error("cards", f"card {attr}s must be unique; repeated: {', '.join(dupes)}")
+    # The status group and a card group share suffixes (HEARTBEAT, LAST_ERROR).
+    clash = [c.name for c in cards if c.prefix == ioc.prefix]
+    if clash:
+        root.error("ioc.prefix", f"{ioc.prefix!r} is also the prefix of card {clash[0]}")
     root.finish()
     if errors:
         raise ConfigError(errors)

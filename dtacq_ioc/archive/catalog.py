@@ -38,7 +38,12 @@ class CouchCatalog(SqliteCatalog):
 
     def __init__(self, archive: ArchiveConfig, start_delivery: bool = True):
         super().__init__(archive.data_dir / CATALOG_FILE)
-        self.spool = Spool(archive.spool, archive.couchdb, on_result=self._delivery_result)
+        self.spool = Spool(
+            archive.spool,
+            archive.couchdb,
+            on_result=self._delivery_result,
+            max_backoff_s=archive.retry_max_s,
+        )
         if start_delivery:
             self.spool.start()
 

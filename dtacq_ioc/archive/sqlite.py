@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dtacq_ioc.archive.dig import file_index, run_files
 from dtacq_ioc.archive.records import RunFile, RunRecord, sha256_of
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,13 @@ class SqliteCatalog:
         for record in self._running():
             missing = [f.name for f in record.files if not Path(f.path).is_file()]
             record.files = [_rescan(f) for f in record.files if f.name not in missing]
+            # Files opened after the last report are on disk only: the run's directory
+            # (<data_dir>/<card>/<run_id>, beside this catalog) has them all.
+            known = {f.name for f in record.files}
+            directory = self.path.parent / record.card / record.run_id
+            if directory.is_dir():
+                extra = [RunFile.from_path(p) for p in run_files(directory) if p.name not in known]
+                record.files = sorted([*record.files, *extra], key=lambda f: file_index(f.name))
             record.bytes_written = sum(f.size for f in record.files)
             record.state = "interrupted"
             record.stopped = record.stopped or _last_change(record)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from dtacq_ioc.readout.triggers import TriggerRegistry
 log = logging.getLogger(__name__)
 
 SIM_READY_TIMEOUT_S = 20.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def run_ioc(config: Config, list_pvs: bool = False, with_sim: bool = True) -> int:
@@ -127,6 +129,7 @@ async def start_simulator(config: Config) -> subprocess.Popen | None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "dtacq_ioc", "sim", str(config.path)],
         stdin=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
     )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + SIM_READY_TIMEOUT_S
@@ -145,6 +148,12 @@ async def start_simulator(config: Config) -> subprocess.Popen | None:
             await asyncio.sleep(0.1)
     log.info("simulator running (pid %d) for %s", proc.pid, ", ".join(c.name for c in simulated))
     return proc
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the IOC dies, even by SIGKILL, so no card outlives it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 async def stop_simulator(proc: subprocess.Popen) -> None:

@@ -143,7 +143,7 @@ class CardController:
                     self._error(str(exc) if self.name in str(exc) else f"{self.name}: {exc}")
             finally:
                 if not self._stopping.is_set():
-                    await asyncio.to_thread(self._disconnect)
+                    await asyncio.to_thread(self._disconnect, self.last_error)
                     if self.state != "FAULT":
                         self.state = "DISCONNECTED"
             if self._stopping.is_set():
@@ -234,9 +234,10 @@ class CardController:
                     rb[pre + "GAIN:ALL"] = layout.labels[layout.spec.gain_codes.index(codes[0])]
         self._readbacks = rb
 
-    def _disconnect(self) -> None:
+    def _disconnect(self, reason: str) -> None:
+        """Close stream and card; a run still open ends as a fault naming the lost link."""
         with contextlib.suppress(Exception):
-            self.readout.stop(timeout=5.0)
+            self.readout.stop(timeout=5.0, reason=reason or f"{self.name}: link lost")
         self.card.close()
         self.card.info = None
 

@@ -40,9 +40,6 @@ CARD_COLUMNS = (
 )
 IOC_FIELDS = ("UPTIME", "VERSION", "CARDS", "CARDS_CONNECTED", "RUNS_SPOOLED", "HEARTBEAT",
               "LAST_ERROR")  # fmt: skip
-# A long string's plain name gives its first 40 characters (DBR_STRING); the whole text
-# is the CHAR array at NAME.VAL$ (EPICS's long-string modifier, which caproto serves).
-LONG_STRINGS = ("LAST_ERROR",)
 
 _OK = (AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)
 _MINOR = (AlarmStatus.STATE, AlarmSeverity.MINOR_ALARM)
@@ -192,16 +189,12 @@ def _text(pv: Any, timeout: float) -> str:
     return str(value)
 
 
-def _full(suffix: str) -> str:
-    return suffix + ".VAL$" if suffix in LONG_STRINGS else suffix
-
-
 def read_status(config: Config, timeout: float) -> StatusReport:
     """Read the IOC's status and each card's summary PVs; StatusUnavailable if no answer."""
     from caproto.threading.client import Context
 
     prefix = config.ioc.prefix
-    ioc_names = [prefix + _full(s) for s in IOC_FIELDS]
+    ioc_names = [prefix + s for s in IOC_FIELDS]
     card_names = [c.prefix + s for c in config.cards for _, s in CARD_COLUMNS]
     deadline = time.monotonic() + timeout
     with Context(timeout=timeout) as ctx:
@@ -223,7 +216,7 @@ def read_status(config: Config, timeout: float) -> StatusReport:
                 f"IOC {config.ioc.name!r} did not answer {prefix}HEARTBEAT within {timeout:g} s "
                 "(not running, or not reachable through EPICS_CA_ADDR_LIST)"
             )
-        ioc = {s: read(prefix + _full(s)) or "" for s in IOC_FIELDS}
+        ioc = {s: read(prefix + s) or "" for s in IOC_FIELDS}
         cards = {
             c.name: {s: read(c.prefix + s) or "" for _, s in CARD_COLUMNS} for c in config.cards
         }

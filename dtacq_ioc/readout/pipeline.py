@@ -143,15 +143,16 @@ class Readout:
                 self.buffer_samples,
             )
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the stream; an active run ends cleanly with what it has."""
+    def stop(self, timeout: float = 10.0, reason: str = "") -> None:
+        """Stop the stream; an active run ends with what it has (a fault when `reason`)."""
         with self._lock:
             stream, self._stream = self._stream, None
+            self._generation += 1  # its end is ours to report, with our reason
         if stream is not None:
             stream.stop(timeout)
         run = self.run
         if run is not None:
-            run.stream_ended("")
+            run.stream_ended(reason)
         self._set_state("stopped", "")
 
     def _calibrate(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from dtacq_ioc.sim.knobtable import AfterReply, Knob, KnobRejected, KnobTable, number, numeric
@@ -309,4 +310,16 @@ def add_fault_knobs(t: KnobTable, st: CardState, reboot: Callable[[float], None]
         return AfterReply("", lambda: reboot(seconds))
 
     t.add(Knob("SIM:REBOOT", lambda: f"{st.faults.reboot_s:g}", set_reboot))
+
+    def set_hang(value: str) -> AfterReply:
+        seconds = number("SIM:HANG", value)
+        if not 0 <= seconds <= 600:
+            raise KnobRejected(f"ERROR: SIM:HANG: {seconds} not in 0..600 s")
+
+        def hang() -> None:  # after the reply: the set itself is still answered
+            st.faults.hang_until = time.monotonic() + seconds
+
+        return AfterReply("", hang)
+
+    t.add(Knob("SIM:HANG", lambda: f"{max(0.0, st.faults.hang_left()):.1f}", set_hang))
     t.add(Knob("SIM:SENT", lambda: str(st.samples_sent)))

@@ -73,6 +73,9 @@ class KnobSession:
         return reply
 
     def _answer(self, reply: Reply) -> None:
+        silent = self.state.faults.hang_left()
+        if silent > 0 and self.sleep(silent):  # network loss: nothing comes back for a while
+            return
         delay = self.state.faults.knob_delay_s
         if delay > 0 and self.sleep(delay):  # the knob-delay fault: a slow card
             return

@@ -9,6 +9,7 @@ console sends every change, however quickly they follow each other.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -62,6 +63,10 @@ class Faults:
     knob_delay_s: float = 0.0
     reboot_s: float = 5.0
     unthrottled: bool = False
+    hang_until: float = 0.0  # time.monotonic() until which the card is silent (network loss)
+
+    def hang_left(self) -> float:
+        return self.hang_until - time.monotonic()
 
     @classmethod
     def from_config(cls, f: FaultConfig, unthrottled: bool) -> Faults:

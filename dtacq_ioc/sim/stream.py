@@ -223,6 +223,11 @@ class StreamSession:
                 self.cancelled.wait(UNCLOCKED_POLL_S)
                 version = -1
                 continue
+            silent = faults.hang_left()
+            if silent > 0:  # network loss: the socket stays open but nothing arrives
+                if self.cancelled.wait(silent):
+                    break
+                continue
             if not running:
                 st.set_state(STREAM_RUN)
                 running = True

@@ -1,0 +1,146 @@
+"""Faults the IOC survives without a restart, each through real processes.
+
+A card that drops off the network, a data directory the IOC cannot write, a
+CouchDB that is down, and the IOC itself killed with SIGKILL mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import epics
+from conftest import COUCH_DB, COUCH_WRITER, PouchServer
+from ioc_support import caget, castr, ioc_process, ioc_toml, new_prefix, wait_for
+from test_ioc import put, sim_knob
+
+from dtacq_ioc.archive.dig import read_run
+from dtacq_ioc.archive.sqlite import SqliteCatalog
+
+
+def couch_archive(server: PouchServer) -> str:
+    user, password = COUCH_WRITER
+    return f"""backend = "couchdb"
+retry_max_s = 1.0
+
+[archive.couchdb]
+url = "{server.url}"
+db = "{COUCH_DB}"
+user = "{user}"
+password = "{password}"
+auth = "cookie"
+timeout_s = 5.0
+"""
+
+
+def start_run(ioc, name: str, upload: bool = False) -> None:
+    assert put(ioc.pv("CLKDIV"), 1000) == 1  # 100 kHz: quick and many buffers
+    assert put(ioc.pv("RUN:NAME"), name) == 1
+    assert put(ioc.pv("RUN:UPLOAD"), "Yes" if upload else "No") == 1
+    assert put(ioc.pv("RUN:START"), 1) == 1
+    wait_for(lambda: caget(ioc.pv("RUN:SAMPLES_RBV")) > 50_000, "a run under way")
+
+
+def last_result(ioc) -> dict:
+    return json.loads(wait_for(lambda: castr(ioc.pv("RUN:LAST_RESULT")), "a finished run"))
+
+
+def documents(server: PouchServer) -> list[dict]:
+    with server.admin() as client:
+        rows = client.view("measurements", "measurements", reduce=False)["rows"]
+        return [client.get_document(r["id"]) for r in rows]
+
+
+def test_network_loss_mid_run_closes_the_run_alarms_and_recovers(tmp_path, loopback):
+    prefix = new_prefix()
+    with ioc_process(ioc_toml(tmp_path, loopback, prefix), prefix, loopback) as ioc:
+        start_run(ioc, "cable pulled")
+        rbv = epics.PV(ioc.pv("SAMPLE_RATE_RBV"), form="ctrl")
+        assert rbv.wait_for_connection(5)
+        sim_knob(ioc.host, "SIM:HANG", 8)  # connections stay open, nothing answers
+        wait_for(lambda: caget(ioc.pv("CONNECTED"), as_string=True) == "No", "link down")
+        wait_for(lambda: rbv.get_ctrlvars() and rbv.severity == 3, "readbacks INVALID")
+        result = last_result(ioc)
+        assert result["fault"] and result["samples"] > 50_000, result
+        _, chans = read_run([ioc.data_dir / f for f in result["files"]])
+        assert len(chans[0]) == result["samples"]
+        wait_for(lambda: caget(ioc.pv("STATE"), as_string=True) == "IDLE", "reconnected", 60)
+        wait_for(lambda: rbv.get_ctrlvars() and rbv.severity == 0, "alarm cleared")
+        rbv.disconnect()
+
+
+def test_unwritable_data_directory_fails_the_run_cleanly_and_the_ioc_serves_on(tmp_path, loopback):
+    prefix = new_prefix()
+    with ioc_process(ioc_toml(tmp_path, loopback, prefix), prefix, loopback) as ioc:
+        blocker = ioc.data_dir / "C1"  # where the card's run directories go
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_text("a file where a directory must be")
+        assert put(ioc.pv("CLKDIV"), 1000) == 1
+        put(ioc.pv("RUN:START"), 1)
+        wait_for(lambda: "C1" in castr(ioc.pv("LAST_ERROR")), "the failure reported")
+        assert caget(ioc.pv("RUN:STATE_RBV"), as_string=True) in ("IDLE", "FAULT")
+        assert caget(ioc.pv("STATE"), as_string=True) == "IDLE"  # still serving, still streaming
+        samples = caget(ioc.pv("STREAM:SAMPLES"))
+        wait_for(lambda: caget(ioc.pv("STREAM:SAMPLES")) > samples, "the stream goes on")
+        blocker.unlink()
+        start_run(ioc, "after the fix")
+        assert put(ioc.pv("RUN:STOP"), 1) == 1
+        result = last_result(ioc)
+        assert result["state"] == "IDLE" and not result["fault"], result
+
+
+def test_catalog_down_during_a_run_is_delivered_when_it_returns(tmp_path, loopback):
+    server = PouchServer(tmp_path / "pouch")
+    (tmp_path / "pouch").mkdir()
+    prefix = new_prefix()
+    config = ioc_toml(tmp_path, loopback, prefix, archive_extra=couch_archive(server))
+    try:
+        with ioc_process(config, prefix, loopback) as ioc:
+            start_run(ioc, "catalog down", upload=True)
+            assert put(ioc.pv("RUN:STOP"), 1) == 1
+            result = last_result(ioc)
+            spool = ioc.data_dir / "spool"
+            wait_for(lambda: list(spool.glob("*.json")), "the run waiting in the spool")
+            server.start()  # the database comes back
+            docs = wait_for(lambda: documents(server), "the run delivered", 60)
+        assert [d["measurement_name"] for d in docs] == ["catalog down"]
+        doc = docs[0]
+        assert doc["dtacq_run"]["run_id"] == result["run_id"]
+        names = [Path(f).name for f in result["files"]]
+        assert sorted(doc["_attachments"]) == sorted(names)
+        assert not list(spool.glob("*.json"))
+    finally:
+        server.stop()
+
+
+def test_sigkill_mid_run_leaves_a_readable_interrupted_run_that_is_delivered(
+    pouchdb, tmp_path, loopback
+):
+    prefix = new_prefix()
+    config = ioc_toml(tmp_path, loopback, prefix, archive_extra=couch_archive(pouchdb))
+    with ioc_process(config, prefix, loopback) as ioc:
+        start_run(ioc, "killed", upload=True)
+        run_id = castr(ioc.pv("RUN:ID_RBV"))
+        wait_for(lambda: caget(ioc.pv("RUN:BYTES_RBV")) > 1_000_000, "data on disk")
+        ioc.proc.send_signal(signal.SIGKILL)
+        ioc.proc.wait(10)
+    # The simulator died with its IOC (no port left bound): the next start plays it again.
+    prefix = new_prefix()
+    config = ioc_toml(tmp_path, loopback, prefix, archive_extra=couch_archive(pouchdb))
+    with ioc_process(config, prefix, loopback):
+        docs = wait_for(lambda: documents(pouchdb), "the interrupted run delivered", 60)
+    catalog = SqliteCatalog(tmp_path / "data" / "runs.sqlite")
+    try:
+        record = catalog.get_run(run_id)
+    finally:
+        catalog.close()
+    assert record.state == "interrupted"
+    header, chans = read_run([f.path for f in record.files])
+    assert header["measurement_name"] == "killed"
+    samples = len(chans[0])
+    assert samples > 50_000 and all(len(c) == samples for c in chans.values())
+    (doc,) = docs
+    assert doc["measurement_name"] == "killed" and doc["dtacq_run"]["state"] == "interrupted"
+    sizes = {f.name: f.size for f in record.files}
+    assert {k: v["length"] for k, v in doc["_attachments"].items()} == sizes
