@@ -32,6 +32,8 @@ test: $(STAMP) test-deps lint
 POUCHDB   := tests/node/node_modules/.bin/pouchdb-server
 
 test-deps: $(POUCHDB)
+	command -v systemd-analyze || (apt-get update && apt-get install -y systemd)
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 
 # pouchdb-server stands in for CouchDB; `npm ci` installs exactly the lock, once.
 $(POUCHDB): tests/node/package.json tests/node/package-lock.json

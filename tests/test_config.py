@@ -84,3 +84,15 @@ def test_check_command_exit_codes(tmp_path):
     )
     assert res.returncode == 2
     assert res.stderr.strip() == f"{bad}: cards[0].clkdiv: unknown key"
+
+
+def test_ioc_prefix_default_explicit_and_errors():
+    card = '[[cards]]\nname="A"\nhost="h"\nprefix="A:"\n[cards.modules]\n1="ACQ425ELF"\n'
+    assert parse_config('[ioc]\nname="hall"\n' + card, Path("x.toml")).ioc.prefix == ("DTACQ:hall:")
+    cfg = parse_config('[ioc]\nprefix="NEDM:IOC1:"\n' + card, Path("x.toml"))
+    assert cfg.ioc.prefix == "NEDM:IOC1:"
+    for prefix, reason in (("NOCOLON", "must end with ':'"), ("A:", "also the prefix of card A")):
+        with pytest.raises(ConfigError) as err:
+            parse_config(f'[ioc]\nprefix="{prefix}"\n' + card, Path("x.toml"))
+        [line] = err.value.lines
+        assert line.startswith("x.toml: ioc.prefix: ") and reason in line

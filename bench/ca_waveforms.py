@@ -1,0 +1,360 @@
+"""Big CA waveforms to many clients: `python bench/ca_waveforms.py [--window S] [--clients N]`.
+
+16 channels x 100 000-sample int16 waveforms at 10 Hz, monitored by 4 pyepics
+clients (each a separate process, `auto_monitor=True` on all 16 PVs), served in
+the same run, one after the other, by:
+
+1. our IOC (`dtacq-ioc run`, one simulated ACQ425ELF at clkdiv 100 = 1 MHz,
+   `display_samples = 100000`, `display_rate_hz = 10`), first with no client
+   (its CPU for the 40 MB/s stream readout alone), then with the clients on
+   `<P>1:AI:WF:01..16`;
+2. pythonSoftIOC (EPICS base's C server): 16 int16 waveform records of 100 000
+   elements, set to new data at 10 Hz by a small script run as its own process.
+
+Reported per server: updates/s per client (mean over its 16 PVs, and the slowest
+PV), server CPU (% of one core, from /proc/<pid>/stat over the window), server RSS
+at the end of the window, and latency (client receive time minus the PV's
+timestamp), median and p95. Targets (issue 4): every client >= 9.5 Hz, memory <=
+pythonSoftIOC's, CPU <= 1.3x pythonSoftIOC's, p95 < 50 ms.
+
+Roles `client` and `softioc` are the child processes; run them only through the
+main command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from support import free_port, random_loopback, sim_card_toml  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+READY_TIMEOUT_S = 60.0
+CONNECT_S = 6.0  # clients connect and settle before the window opens
+
+
+# --- measurements of a server process --------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (not its children), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@dataclass
+class Row:
+    server: str
+    clients: list[dict]
+    cpu_pct: float
+    rss_mb: tuple[float, float]  # mean and max over the window
+    extra: str = ""
+
+    def latencies(self) -> list[float]:
+        return [x for c in self.clients for x in c["latencies_ms"]]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# --- the child roles -------------------------------------------------------------------
+
+
+def client_main(args: argparse.Namespace) -> int:
+    """Monitor every PV; count updates and latencies that arrive inside [start, end)."""
+    import epics
+
+    names = [f"{args.prefix}1:AI:WF:{i + 1:02d}" for i in range(args.channels)]
+    counts = dict.fromkeys(names, 0)
+    seen = dict.fromkeys(names, 0)
+    latencies: list[float] = []
+
+    def on_update(pvname=None, timestamp=None, **_):
+        now = time.time()
+        seen[pvname] += 1
+        if args.start <= now < args.end:
+            counts[pvname] += 1
+            latencies.append((now - timestamp) * 1000.0)
+
+    pvs = [epics.PV(n, auto_monitor=True, form="time", callback=on_update) for n in names]
+    time.sleep(max(0.0, args.start - time.time()))
+    late = [n for n in names if not seen[n]]
+    time.sleep(max(0.0, args.end - time.time()) + 0.3)
+    for pv in pvs:
+        pv.clear_callbacks()
+    window = args.end - args.start
+    rates = [counts[n] / window for n in names]
+    result = {
+        "hz": sum(rates) / len(rates),
+        "min_hz": min(rates),
+        "not_ready_at_start": late,
+        "latencies_ms": latencies,
+    }
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    for pv in pvs:
+        pv.disconnect()
+    return 0
+
+
+def softioc_main(args: argparse.Namespace) -> int:
+    """pythonSoftIOC serving the same shape of data, new values at the same rate."""
+    import numpy as np
+    from softioc import asyncio_dispatcher, builder, softioc
+
+    builder.SetDeviceName(args.prefix.rstrip(":"))
+    records = [
+        builder.WaveformIn(f"1:AI:WF:{i + 1:02d}", datatype=np.int16, length=args.samples)
+        for i in range(args.channels)
+    ]
+    counter = builder.longIn("COUNT", initial_value=0)
+    builder.LoadDatabase()
+    # PVA off: the comparison is Channel Access, and its ports would collide across runs.
+    softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher(), enable_pva=False)
+    t = np.arange(args.samples)
+    bases = [
+        (np.sin(2 * np.pi * t / 1000 + i) * 16000).astype(np.int16) for i in range(len(records))
+    ]
+    period, k = 1.0 / args.rate, 0
+    deadline = time.monotonic()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    while True:
+        step = np.int16(k % 1000)
+        for i, record in enumerate(records):
+            record.set(bases[i] + step)  # a new array: the data changes each time
+        counter.set(k)
+        k += 1
+        deadline += period
+        time.sleep(max(0.0, deadline - time.monotonic()))
+
+
+# --- the main command ------------------------------------------------------------------
+
+
+def ca_environment() -> None:
+    """Channel Access on loopback with ports of this run's own (children inherit it)."""
+    os.environ.update(
+        EPICS_CA_SERVER_PORT=str(free_port()),
+        EPICS_CA_REPEATER_PORT=str(free_port()),
+        EPICS_CA_ADDR_LIST="127.0.0.1",
+        EPICS_CA_AUTO_ADDR_LIST="NO",
+        EPICS_CAS_INTF_ADDR_LIST="127.0.0.1",
+        EPICS_CA_MAX_ARRAY_BYTES=str(16 << 20),  # pyepics' own default; ample for 200 kB arrays
+    )
+
+
+@contextlib.contextmanager
+def process(cmd: list[str], **kw) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, **kw)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_until(predicate, what: str, proc: subprocess.Popen, timeout: float = READY_TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} while waiting for {what}")
+        with contextlib.suppress(Exception):
+            if predicate():
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not within {timeout} s")
+        time.sleep(0.2)
+
+
+def measure(server: subprocess.Popen, prefix: str, args: argparse.Namespace,
+            nclients: int) -> tuple[list[dict], float, tuple[float, float]]:  # fmt: skip
+    """Run the clients (if any) over one window; return their results, CPU % and RSS."""
+    start = time.time() + (CONNECT_S if nclients else 1.0)
+    end = start + args.window
+    cmd = [sys.executable, __file__, "client", "--prefix", prefix, "--start", str(start),
+           "--end", str(end), "--channels", str(args.channels)]  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        clients = [
+            stack.enter_context(process(cmd, stdout=subprocess.PIPE, text=True))
+            for _ in range(nclients)
+        ]
+        time.sleep(max(0.0, start - time.time()))
+        cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
+        rss = []  # sampled through the window: numpy temporaries make one reading noisy
+        while (left := end - time.time()) > 0:
+            time.sleep(min(1.0, left))
+            rss.append(rss_mb(server.pid))
+        cpu1, t1 = cpu_seconds(server.pid), time.monotonic()
+        results = []
+        for c in clients:
+            out, _ = c.communicate(timeout=60)
+            if c.returncode != 0 or not out.strip():
+                raise RuntimeError(f"a client failed (exit {c.returncode})")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    return results, 100.0 * (cpu1 - cpu0) / (t1 - t0), (statistics.mean(rss), max(rss))
+
+
+def ours(args: argparse.Namespace, workdir: Path) -> list[Row]:
+    import epics
+
+    host, prefix = random_loopback(), f"BOURS{secrets.token_hex(2).upper()}:"
+    config = workdir / "ours.toml"
+    card = sim_card_toml("B1", host, module="ACQ425ELF", prefix=prefix)
+    config.write_text(
+        f"""
+[ioc]
+name = "bench"
+interfaces = ["127.0.0.1"]
+display_rate_hz = {args.rate}
+display_samples = {args.samples}
+autosave_dir = "autosave"
+[archive]
+data_dir = "data"
+{card}
+"""
+    )
+    cmd = [sys.executable, "-m", "dtacq_ioc", "--log-level", "WARNING", "run", str(config)]
+    with process(cmd) as ioc:
+        wait_until(lambda: epics.caget(prefix + "STATE", as_string=True, timeout=1) == "IDLE",
+                   "our IOC's card IDLE", ioc)  # fmt: skip
+        if epics.caget(prefix + "CLKDIV_RBV") != 100:
+            epics.caput(prefix + "CLKDIV", 100, wait=True, timeout=10)
+        wait_until(lambda: epics.caget(prefix + "SAMPLE_RATE_RBV", timeout=1) == 1e6,
+                   "1 MHz sample rate", ioc)  # fmt: skip
+        wait_until(lambda: epics.caget(prefix + "STREAM:MBPS", timeout=1) > 30,
+                   "the stream at full rate", ioc)  # fmt: skip
+        mbps = epics.caget(prefix + "STREAM:MBPS")
+        sims = children(ioc.pid)
+        sim_cpu0 = sum(cpu_seconds(p) for p in sims)
+        t0 = time.monotonic()
+        _, cpu, rss = measure(ioc, prefix, args, 0)
+        sim_cpu = 100.0 * (sum(cpu_seconds(p) for p in sims) - sim_cpu0) / (time.monotonic() - t0)
+        alone = Row("ours, stream only", [], cpu, rss,
+                    f"stream {mbps:.1f} MB/s; simulator process {sim_cpu:.0f}% CPU")  # fmt: skip
+        results, cpu, rss = measure(ioc, prefix, args, args.clients)
+        errors = epics.caget(prefix + "STREAM:COUNTER_ERRORS")
+        loaded = Row("ours", results, cpu, rss, f"counter errors {errors}")
+    return [alone, loaded]
+
+
+def softioc_row(args: argparse.Namespace) -> Row:
+    import epics
+
+    prefix = f"BSOFT{secrets.token_hex(2).upper()}:"
+    cmd = [sys.executable, __file__, "softioc", "--prefix", prefix, "--channels",
+           str(args.channels), "--samples", str(args.samples),
+           "--rate", str(args.rate)]  # fmt: skip
+    with process(cmd, stdout=subprocess.DEVNULL) as server:
+        wait_until(lambda: (epics.caget(prefix + "COUNT", timeout=1) or 0) > 2,
+                   "pythonSoftIOC updating", server)  # fmt: skip
+        results, cpu, rss = measure(server, prefix, args, args.clients)
+    return Row("pythonSoftIOC", results, cpu, rss)
+
+
+def report(rows: list[Row], args: argparse.Namespace) -> None:
+    out = sys.stdout.write
+    out(f"\n{args.channels} ch x {args.samples} int16 at {args.rate} Hz, "
+        f"{args.clients} pyepics clients, {args.window:.0f} s window\n\n")  # fmt: skip
+    out(f"{'server':<20}{'client Hz (slowest PV)':<36}{'CPU %':>7}{'RSS MB mean/max':>16}"
+        f"{'lat med ms':>11}{'p95 ms':>8}\n")  # fmt: skip
+    for r in rows:
+        hz = " ".join(f"{c['hz']:.2f}({c['min_hz']:.1f})" for c in r.clients) or "-"
+        lat = r.latencies()
+        med = f"{statistics.median(lat):.1f}" if lat else "-"
+        p95 = f"{percentile(lat, 0.95):.1f}" if lat else "-"
+        rss = f"{r.rss_mb[0]:.0f}/{r.rss_mb[1]:.0f}"
+        out(f"{r.server:<20}{hz:<36}{r.cpu_pct:>7.1f}{rss:>16}{med:>11}{p95:>8}\n")
+        late = sum(len(c["not_ready_at_start"]) for c in r.clients)
+        if r.extra or late:
+            note = f"; {late} PVs had no update at window start" if late else ""
+            out(f"{'':<20}{r.extra}{note}\n")
+    by = {r.server: r for r in rows}
+    if "ours" in by and "pythonSoftIOC" in by:
+        a, b = by["ours"], by["pythonSoftIOC"]
+        slowest = min(c["min_hz"] for c in a.clients)
+        p95 = percentile(a.latencies(), 0.95)
+        out(f"\nCPU ours/softioc {a.cpu_pct / b.cpu_pct:.2f} (target <= 1.3); "
+            f"memory ours/softioc {a.rss_mb[0] / b.rss_mb[0]:.2f} mean, "
+            f"{a.rss_mb[1] / b.rss_mb[1]:.2f} max (target <= 1.0)\n")  # fmt: skip
+        if "ours, stream only" in by:
+            alone = by["ours, stream only"].cpu_pct
+            out(
+                f"CPU ours minus stream-only, over softioc: {(a.cpu_pct - alone) / b.cpu_pct:.2f}\n"
+            )
+        out(f"ours: slowest PV {slowest:.2f} Hz (target >= 9.5); p95 {p95:.1f} ms (target < 50)\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("role", nargs="?", default="bench", choices=["bench", "client", "softioc"])
+    parser.add_argument("--window", type=float, default=25.0, help="seconds measured per server")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=100_000)
+    parser.add_argument("--rate", type=float, default=10.0)
+    parser.add_argument("--only", choices=["ours", "softioc"], help="run one server only")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--prefix", help=argparse.SUPPRESS)
+    parser.add_argument("--start", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--end", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "client":
+        return client_main(args)
+    if args.role == "softioc":
+        return softioc_main(args)
+
+    ca_environment()
+    workdir = Path(tempfile.mkdtemp(prefix="ca_waveforms_"))
+    rows: list[Row] = []
+    try:
+        if args.only in (None, "ours"):
+            rows += ours(args, workdir)
+        if args.only in (None, "softioc"):
+            rows.append(softioc_row(args))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report(rows, args)
+    if args.json:
+        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
