@@ -105,5 +105,9 @@ def ioc_process(config: Path, prefix: str, host: str, ready_state: str = "IDLE")
                 raise RuntimeError(f"IOC exited with {proc.returncode}:\n{out[-3000:]}")
             return caget(ioc.pv("STATE"), as_string=True) == ready_state
 
-        wait_for(up, f"{prefix}STATE == {ready_state}")
-        yield ioc
+        try:
+            wait_for(up, f"{prefix}STATE == {ready_state}")
+            yield ioc
+        finally:
+            # Shown by pytest only when the test fails: the IOC's own account.
+            print("".join(output(proc).splitlines(keepends=True)[-80:]))

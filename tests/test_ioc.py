@@ -139,7 +139,7 @@ def test_waveform_monitor_sees_the_sine_at_the_display_rate(ioc):
 
 
 def test_a_run_through_pvs_archives_exactly_what_the_card_sent(ioc):
-    put(ioc.pv("CLKDIV"), 1000)  # 100 kHz
+    assert put(ioc.pv("CLKDIV"), 1000) == 1  # 100 kHz
     wait_for(lambda: caget(ioc.pv("SAMPLE_RATE_RBV")) == 100_000, "100 kHz")
     assert put(ioc.pv("RUN:NAME"), "pv run") == 1
     assert put(ioc.pv("RUN:LOG"), "started from pyepics") == 1

@@ -111,6 +111,8 @@ class DigWriter:
         # Any sha256 object; the run writer passes one that hashes on a thread of its own.
         self._hash = digest or hashlib.sha256()
         self._file: IO[bytes] | None = (opener or _open_unbuffered)(self.path)
+        self._fd = self._file.fileno() if hasattr(self._file, "fileno") else None
+        self._advised = 0
         self._write(encode_header(header))
 
     def _write(self, data: Any) -> None:
@@ -123,6 +125,21 @@ class DigWriter:
             done += len(view) - done if n is None else n
         self._hash.update(view)
         self.size += len(view)
+        if self._fd is not None and self.size - self._advised >= WRITEBACK_BYTES:
+            self._write_back()
+
+    def _write_back(self) -> None:
+        """Start writing the last stretch to disk now and drop what is already there.
+
+        Without it gigabytes of a run sit dirty in the page cache, and the fsync at
+        close (or the kernel's own flush) stalls the writer for seconds at a time.
+        """
+        start = max(0, self._advised - WRITEBACK_BYTES)
+        try:
+            os.posix_fadvise(self._fd, start, self.size - start, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            self._fd = None  # not a regular file (a pipe, a test double): nothing to advise
+        self._advised = self.size
 
     def write(self, data: np.ndarray | bytes | bytearray | memoryview) -> int:
         """Append whole samples (contiguous bytes in file order); returns bytes written."""
@@ -161,6 +178,9 @@ class DigWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+WRITEBACK_BYTES = 64 << 20
 
 
 def _open_unbuffered(path: Path) -> IO[bytes]:

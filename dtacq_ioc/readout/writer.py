@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,9 @@ class RunWriter:
         self._dig: DigWriter | None = None
         self._finishing = False
         self._hasher = Hasher(f"sha256-{date}")
+        # Closing means fsync, seconds for a big file: a thread of its own, in order.
+        self._closer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"close-{date}")
+        self._closing: list[Future[RunFile]] = []
         self._thread = threading.Thread(target=self._run, name=f"writer-{date}", daemon=True)
         self._thread.start()
 
@@ -187,8 +191,10 @@ class RunWriter:
                 continue
             try:
                 self._close()
+                self._collect()
             except Exception as exc:
                 self._fail(exc)
+            self._closer.shutdown()
             self._hasher.stop()
             try:
                 item(list(self.files), self.error)
@@ -199,7 +205,7 @@ class RunWriter:
     def _write(self, chunk: Chunk) -> None:
         if chunk.new_file or self._dig is None:
             self._close()
-            index = len(self.files)
+            index = len(self.files) + len(self._closing)
             path = self.directory / dig_name(self.date, index)
             header = self.header_for(index, chunk.first_counter)
             self._dig = DigWriter(path, header, self.opener, self._hasher.digest())
@@ -211,7 +217,17 @@ class RunWriter:
     def _close(self) -> None:
         dig, self._dig = self._dig, None
         if dig is not None:
-            self.files.append(dig.close())
+            self._closing.append(self._closer.submit(dig.close))
+
+    def _collect(self) -> None:
+        """The closed files, in order, once their fsync is done (raises what close raised)."""
+        closing, self._closing = self._closing, []
+        for i, future in enumerate(closing):
+            try:
+                self.files.append(future.result())
+            except Exception:
+                self._closing = closing[i + 1 :]
+                raise
 
     def _fail(self, exc: Exception) -> None:
         where = self._dig.path if self._dig is not None else self.directory
@@ -221,6 +237,11 @@ class RunWriter:
             self.error = reason
             if self.on_error is not None:
                 self.on_error(reason)
+        while self._closing:
+            try:
+                self._collect()
+            except OSError:
+                log.exception("closing a file of %s after a write error", self.directory)
         dig, self._dig = self._dig, None
         if dig is not None:
             try:

@@ -311,6 +311,15 @@ def add_fault_knobs(t: KnobTable, st: CardState, reboot: Callable[[float], None]
 
     t.add(Knob("SIM:REBOOT", lambda: f"{st.faults.reboot_s:g}", set_reboot))
 
+    def set_mbps(value: str) -> str:
+        mbps = number("SIM:MBPS", value)
+        if not 0 <= mbps <= 100_000:
+            raise KnobRejected(f"ERROR: SIM:MBPS: {mbps} not in 0..100000 MB/s")
+        st.faults.mbps = mbps
+        return ""
+
+    t.add(Knob("SIM:MBPS", lambda: f"{st.faults.mbps:g}", set_mbps))
+
     def set_hang(value: str) -> AfterReply:
         seconds = number("SIM:HANG", value)
         if not 0 <= seconds <= 600:

@@ -63,6 +63,7 @@ class Faults:
     knob_delay_s: float = 0.0
     reboot_s: float = 5.0
     unthrottled: bool = False
+    mbps: float = 0.0  # unthrottled: cap the stream at this many MB/s (0 = none)
     hang_until: float = 0.0  # time.monotonic() until which the card is silent (network loss)
 
     def hang_left(self) -> float:

@@ -240,6 +240,12 @@ class StreamSession:
                     break
             else:
                 n = max(1, UNTHROTTLED_BLOCK_BYTES // frames.ssb)
+                if faults.mbps > 0:  # a byte-rate cap, for benchmarks of a given load
+                    per_s = faults.mbps * 1e6 / frames.ssb
+                    due = pace_t0 + (index + n - pace_index) / per_s
+                    delay = due - time.monotonic()
+                    if delay > 0 and self.cancelled.wait(delay):
+                        break
             for seg in segments(index, n, faults, frames.table.period):
                 self._send(frames.segment(seg), faults.close_after, frames.ssb)
             index += n
