@@ -45,8 +45,11 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = DEADLINE_
 
 
 def caget(name: str, **kw: Any) -> Any:
+    """A fresh read from the IOC (pyepics' default answers from its monitor cache, which
+    may not yet hold an update that is on its way)."""
     import epics
 
+    kw.setdefault("use_monitor", False)
     return epics.caget(name, timeout=5.0, **kw)
 
 

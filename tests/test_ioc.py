@@ -102,6 +102,23 @@ def test_bad_puts_are_refused_and_change_nothing(ioc):
     assert_put_refused(ioc.pv("RUN:TRIGGER"), [b"no_such_trigger"])
     assert caget(ioc.pv("RUN:TRIGGER")) == "always"
     assert castr(ioc.pv("RUN:CHANNELS")) == ""
+    # The refusal marks the setpoint (WRITE/MAJOR), not the card's readbacks...
+    assert severity(ioc.pv("CLKDIV")) == 2 and severity(ioc.pv("CLKDIV_RBV")) == 0
+    # ...and the next good put clears it.
+    assert put(ioc.pv("CLKDIV"), 200) == 1
+    assert severity(ioc.pv("CLKDIV")) == 0
+
+
+def test_text_settings_accept_empty_puts(ioc):
+    ca_write(ioc.pv("RUN:LOG"), b"a log line", notify=True, timeout=10)
+    assert castr(ioc.pv("RUN:LOG")) == "a log line"
+    ca_write(ioc.pv("RUN:LOG"), b"", notify=True, timeout=10)
+    assert castr(ioc.pv("RUN:LOG")) == ""
+
+
+def severity(name: str) -> int:
+    pv = epics.get_pv(name, form="time", connect=True)
+    return pv.get_with_metadata(use_monitor=False, form="time")["severity"]
 
 
 def test_gain_put_reaches_the_card_and_scales_volts(ioc):

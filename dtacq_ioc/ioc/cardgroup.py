@@ -76,7 +76,10 @@ def _put(method: str) -> pvs.Putter:
     """A putter that hands (PV suffix, value) to the group's controller method."""
 
     async def putter(group, instance, value):
-        return await getattr(group.controller, method)(instance.pvspec.name, value)
+        result = await getattr(group.controller, method)(instance.pvspec.name, value)
+        if instance.alarm.severity:  # an earlier refused put left WRITE/MAJOR: this one took
+            await instance.alarm.write(status=AlarmStatus.NO_ALARM, severity=AlarmSeverity.NO_ALARM)
+        return result
 
     return putter
 

@@ -534,6 +534,7 @@ class CardController:
             return
         self._last_frame = snap.updates
         values = upd.values
+        values["AI:COUNTER"] = float(snap.counter)
         for layout in self.pvs.sites:
             pre = f"{layout.site}:"
             values[pre + "AI:WF:TB"] = snap.timebase_s

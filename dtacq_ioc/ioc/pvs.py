@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from caproto import AccessRights, ChannelType
 from caproto.server import PVGroup, pvproperty
-from caproto.server.server import pvspec_type_map
+from caproto.server.server import PvpropertyChar, pvspec_type_map
 
 LINK = "link"  # alarm group shared by PVs whose value depends on the card link
 WAVEFORM_BACKLOG = 3  # past updates kept per client for big arrays (caproto default: 1000)
@@ -55,14 +55,31 @@ class _AccessChecked:
         return rights
 
 
+class _EmptyTextPut:
+    """Accept puts of empty text to CHAR-array PVs.
+
+    caproto 1.3 decodes such a put to "" and then fails converting it back to
+    bytes, so clients clearing RUN:LOG or RUN:CHANNELS got no answer.
+    """
+
+    async def write_from_dbr(self, data, data_type, metadata, *args, **kwargs):
+        if data_type == ChannelType.CHAR and not bytes(data).strip(b"\x00"):
+            return await self.write("", flags=kwargs.get("flags", 0))  # type: ignore[attr-defined]
+        return await super().write_from_dbr(data, data_type, metadata, *args, **kwargs)  # type: ignore[misc]
+
+
+def _checked(cls: type) -> type:
+    mixins = (
+        (_AccessChecked, _EmptyTextPut) if issubclass(cls, PvpropertyChar) else (_AccessChecked,)
+    )
+    return type(f"Checked{cls.__name__}", (*mixins, cls), {})
+
+
 class CheckedGroup(PVGroup):
     """A PVGroup whose writable PVs obey `access_rules` (set on the instance)."""
 
     access_rules: AccessRules | None = None
-    type_map = {
-        dtype: type(f"Checked{cls.__name__}", (_AccessChecked, cls), {})
-        for dtype, cls in pvspec_type_map.items()
-    }
+    type_map = {dtype: _checked(cls) for dtype, cls in pvspec_type_map.items()}
 
 
 def make_pv(
@@ -80,7 +97,13 @@ def make_pv(
     max_length: int | None = None,
     enum_strings: tuple[str, ...] | None = None,
 ) -> pvproperty:
-    """One PV. Writable exactly when `put` is given; limits are enforced on puts."""
+    """One PV. Writable exactly when `put` is given; limits are enforced on puts.
+
+    A setpoint has an alarm of its own: caproto marks a PV WRITE/MAJOR when a put to
+    it is refused, and that must not spread to the card's link group.
+    """
+    if put is not None:
+        alarm_group = None
     kwargs: dict[str, Any] = {}
     if units:
         kwargs["units"] = units

@@ -30,6 +30,7 @@ class Snapshot:
     timebase_s: np.ndarray  # seconds from the oldest sample shown
     sample_rate_hz: float
     updates: int  # buffers seen so far
+    counter: int = 0  # spad sample counter of the newest sample shown
 
     @property
     def samples(self) -> int:
@@ -47,10 +48,11 @@ class DisplayStage:
         self._pos = 0  # next row to write
         self._filled = 0
         self._updates = 0
+        self._counter = 0
         self._lock = threading.Lock()
 
-    def update(self, ai: np.ndarray) -> None:
-        """Take the newest rows of a (rows, channels) block of stream words."""
+    def update(self, ai: np.ndarray, counter: int = 0) -> None:
+        """Take the newest rows of a (rows, channels) block; `counter`: its last sample's spad."""
         rows = len(ai)
         if rows == 0:
             return
@@ -65,6 +67,7 @@ class DisplayStage:
             self._pos = (self._pos + n) % self.size
             self._filled = min(self.size, self._filled + n)
             self._updates += 1
+            self._counter = counter
 
     def set_calibration(self, channel_map: ChannelMap, sample_rate_hz: float) -> None:
         """New gains or clock: volts and frequencies follow from the next snapshot."""
@@ -89,6 +92,7 @@ class DisplayStage:
             vpc = self.channel_map.volts_per_code
             rate = self.sample_rate_hz
             updates = self._updates
+            counter = self._counter
         volts = raw * np.asarray(vpc, dtype=np.float64)[:, None]
         nchan = raw.shape[0]
         if n:
@@ -111,6 +115,7 @@ class DisplayStage:
             timebase_s=timebase,
             sample_rate_hz=rate,
             updates=updates,
+            counter=counter,
         )
 
 

@@ -190,7 +190,7 @@ class Readout:
             self._window = (now, self._bytes)
         display = self.display
         if display is not None:
-            display.update(samples["ai"])
+            display.update(samples["ai"], int(samples["spad"][-1, 0]) if n else 0)
         run = self.run
         if run is not None and run.active:
             run.feed(samples, gaps)
