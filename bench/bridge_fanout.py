@@ -159,10 +159,10 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             sys.path.insert(0, str(ROOT / "tests"))
-            from test_bridge_helpers import _wait_ca, bridge_config
+            from bridge_helpers import _wait_ca, bridge_config
 
             ioc = subprocess.Popen(
-                [sys.executable, str(ROOT / "tests" / "test_bridge_helpers.py"), "BENCH:",
+                [sys.executable, str(ROOT / "tests" / "bridge_helpers.py"), "BENCH:",
                  str(RATE), str(NPOINTS), str(NWAVE)],
                 env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
                 stderr=subprocess.DEVNULL,

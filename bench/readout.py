@@ -12,7 +12,9 @@ and measures, in the same run, on the same bytes:
 4. the run writer alone: the same bytes through `RunWriter` (pool, queue,
    DigWriter with sha256), so "file writing / bare write" compares like with like.
 
-Targets: pipeline >= 500 MB/s; run writer >= 80 % of the bare write.
+Targets: pipeline >= 500 MB/s; run writer >= 80 % of the bare write. The pipeline
+runs at several input rates (`--input-mbps`, the simulator's SIM:MBPS cap): the
+highest rate with no overruns is the sustained, lossless rate.
 """
 
 from __future__ import annotations
@@ -125,7 +127,14 @@ def main() -> int:
     p.add_argument("--module", default="ACQ425ELF")
     p.add_argument("--buffer-bytes", type=int, default=1 << 20)
     p.add_argument("--dir", type=Path, default=None, help="where files go (default: a temp dir)")
+    p.add_argument(
+        "--input-mbps",
+        default="0,400,500,600",
+        help="simulator byte-rate caps to run the pipeline at (0 = as fast as it sends); "
+        "a cap shows whether the pipeline keeps up with that load without overruns",
+    )
     args = p.parse_args()
+    caps = [float(x) for x in args.input_mbps.split(",")]
     host = random_loopback()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmpdir = Path(tmp)
@@ -141,9 +150,14 @@ def main() -> int:
             card.connect()
             layout = card.configure_stream()
             sock_mbs = bare_socket(host, args.seconds, args.buffer_bytes)
-            card.configure_stream(layout.sites)
-            pipe_mbs, file_mbs, written, overruns, state = pipeline(card, config, args.seconds)
+            runs = []
+            for cap in caps:
+                card.knob(0).set("SIM:MBPS", cap)
+                card.configure_stream(layout.sites)
+                runs.append((cap, *pipeline(card, config, args.seconds)))
+                shutil.rmtree(config.archive.data_dir / "B", ignore_errors=True)
             card.close()
+        written = max(r[3] for r in runs)
         chunk = card.default_buffer_samples(layout) * layout.ai_channels * layout.word_size
         total = max(written, 256 << 20)
         wdir = tmpdir / "writer"
@@ -157,8 +171,10 @@ def main() -> int:
         shutil.rmtree(config.archive.data_dir, ignore_errors=True)
     print(f"module {args.module}, {layout.sample_bytes} bytes/sample, buffer {args.buffer_bytes}")
     print(f"bare socket read     {sock_mbs:8.1f} MB/s")
-    print(f"pipeline (stream)    {pipe_mbs:8.1f} MB/s  run {state}, {overruns} overruns")
-    print(f"pipeline (to files)  {file_mbs:8.1f} MB/s  {written / MB:.0f} MB written")
+    for cap, pipe_mbs, file_mbs, nbytes, overruns, state in runs:
+        load = f"input capped at {cap:.0f} MB/s" if cap else "input uncapped"
+        print(f"pipeline, {load}: stream {pipe_mbs:7.1f} MB/s, files {file_mbs:7.1f} MB/s, "
+              f"{nbytes / MB:.0f} MB, {overruns} overruns, run {state}")  # fmt: skip
     print(f"bare file write      {write_mbs:8.1f} MB/s  ({total / MB:.0f} MB, {chunk} B chunks)")
     share = 100 * writer_mbs / write_mbs
     print(f"run writer alone     {writer_mbs:8.1f} MB/s  = {share:.0f} % of bare")

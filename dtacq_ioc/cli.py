@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if logging.getLogger().level > logging.DEBUG:
+        # caproto logs every client and channel connect at INFO: a line per caget.
+        for name in ("caproto.ch", "caproto.ctx"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         config = _load(getattr(args, "config", None))
     except ConfigError as exc:

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import websockets
-from test_bridge_helpers import (
+from bridge_helpers import (
     bridge_config,
     bridge_process,
     generic_ioc,

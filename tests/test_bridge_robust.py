@@ -13,9 +13,9 @@ import time
 import numpy as np
 import psutil
 import pytest
+from bridge_helpers import bridge_config, bridge_process, generic_ioc, new_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_bridge_helpers import bridge_config, bridge_process, generic_ioc, new_port
 from websockets.sync.client import connect
 
 KNOWN = {"subscribe", "monitor", "clear", "list", "write", "ping", "echo", "auth"}

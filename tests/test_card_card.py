@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 
 import pytest
-from test_card_support import card_config, connected, simulated
+from card_helpers import card_config, connected, simulated
 
 from dtacq_ioc.card.card import Card, parse_sitelist, parse_sites
 from dtacq_ioc.card.errors import CardError, KnobError, SettingRefused

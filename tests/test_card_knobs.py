@@ -8,8 +8,8 @@ import threading
 import time
 
 import pytest
+from card_helpers import card_config, simulated
 from support import wait_for_port
-from test_card_support import card_config, simulated
 
 from dtacq_ioc.card.errors import CardError, KnobError, KnobTimeout
 from dtacq_ioc.card.knobs import KnobClient

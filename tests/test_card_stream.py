@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 import pytest
+from card_helpers import Collector, card_config, connected, gaps, simulated
 from support import sim_process
-from test_card_support import Collector, card_config, connected, gaps, simulated
 
 from dtacq_ioc.card.errors import CardNotReady, StreamError
 from dtacq_ioc.card.stream import StreamClient, StreamLayout

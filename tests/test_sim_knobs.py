@@ -6,7 +6,7 @@ import socket
 import time
 
 import pytest
-from test_sim_support import TIMEOUT, Knobs, sim_card
+from sim_helpers import TIMEOUT, Knobs, sim_card
 
 SECOND_SITE = """
 [[cards.sim.sites]]

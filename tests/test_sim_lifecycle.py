@@ -9,9 +9,9 @@ import sys
 
 import paramiko
 import pytest
+from sim_helpers import TIMEOUT, Knobs, recv_all, recv_exact, sim_card, wait_refused
 from support import ROOT, child_env, free_port, output, sim_card_toml, sim_process, wait_for_port
 from support import write_config as write_test_config
-from test_sim_support import TIMEOUT, Knobs, recv_all, recv_exact, sim_card, wait_refused
 
 
 class StatusLines:

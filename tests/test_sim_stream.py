@@ -7,8 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from test_sim_knobs import SECOND_SITE
-from test_sim_support import (
+from sim_helpers import (
     TIMEOUT,
     Knobs,
     read_samples,
@@ -18,6 +17,7 @@ from test_sim_support import (
     sim_card,
     stream_dtype,
 )
+from test_sim_knobs import SECOND_SITE
 
 from dtacq_ioc.sim.stream import CORRUPT_WORD
 

@@ -110,8 +110,6 @@ def run_bridge(config: Config) -> int:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     ensure_reactor(loop)
-    # caproto logs every channel's connect/disconnect at INFO: one line per PV per client.
-    logging.getLogger("caproto.ch").setLevel(max(logging.WARNING, log.getEffectiveLevel()))
 
     async def main() -> None:
         from twisted.internet.error import CannotListenError

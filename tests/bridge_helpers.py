@@ -5,7 +5,7 @@ kind PVWS must translate (scalar with limits/units, enum, int16 and float64
 waveforms, a long string). It stands in for *any* IOC the bridge may serve;
 tests of the nEDM protocol use the project's real IOC instead.
 
-Run as a script: ``python tests/test_bridge_helpers.py PREFIX [RATE_HZ [NPOINTS [NWAVE]]]``.
+Run as a script: ``python tests/bridge_helpers.py PREFIX [RATE_HZ [NPOINTS [NWAVE]]]``.
 """
 
 from __future__ import annotations
