@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import random
 import socket
 import subprocess
 import sys
@@ -25,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dtacq_ioc.card.card import Card
-from dtacq_ioc.card.stream import StreamClient, StreamLayout
-from dtacq_ioc.config import load_config
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from support import random_loopback, stop_process  # noqa: E402
+
+from dtacq_ioc.card.card import Card  # noqa: E402
+from dtacq_ioc.card.stream import StreamClient, StreamLayout  # noqa: E402
+from dtacq_ioc.config import load_config  # noqa: E402
 
 CONFIG = """
 [ioc]
@@ -49,19 +50,6 @@ carrier = "acq2106"
 site = 1
 module = "{module}"
 """
-
-
-def loopback_address() -> str:
-    rng = random.SystemRandom()
-    for _ in range(100):
-        host = f"127.{rng.randint(10, 250)}.{rng.randint(0, 255)}.{rng.randint(2, 254)}"
-        with socket.socket() as s:
-            try:
-                s.bind((host, 4220))
-            except OSError:
-                continue
-        return host
-    raise RuntimeError("no free loopback address")
 
 
 def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -87,12 +75,7 @@ def simulator(config: Path, host: str) -> Iterator[None]:
         wait_for_port(host, 4221, proc)
         yield
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def driver_rate(host: str, layout: StreamLayout, buffer_samples: int, seconds: float) -> float:
@@ -151,7 +134,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4, help="alternate the two readers")
     args = parser.parse_args()
 
-    host = loopback_address()
+    host = random_loopback()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.toml"
         path.write_text(CONFIG.format(host=host, module=args.module))

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from support import ROOT, child_env, free_port, wait_for_port
+from support import ROOT, child_env, free_port, stop_process, wait_for_port
 
 HERE = Path(__file__).resolve()
 
@@ -117,12 +117,7 @@ def generic_ioc(
         _wait_ca(prefix + "COUNT", proc, ca_port)
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def ca_env(ca_port: int) -> dict[str, str]:
@@ -197,13 +192,7 @@ def bridge_process(config: Path, port: int, ca_port: int = 0) -> Iterator[subpro
         wait_for_port("127.0.0.1", port, proc=proc)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def new_port() -> int:

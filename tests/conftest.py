@@ -12,7 +12,7 @@ from urllib.parse import quote, unquote
 
 import httpx
 import pytest
-from support import free_port, random_loopback, wait_for_port
+from support import free_port, random_loopback, stop_process, wait_for_port
 
 # Channel Access for this pytest process only: its own server port, so IOCs started by
 # concurrent test runs never answer each other's searches. Set before any test imports
@@ -84,13 +84,8 @@ class PouchServer:
             )  # fmt: skip
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         self.proc = None
 
     def settings(self, auth: str = "cookie", user=COUCH_WRITER, file_server: str = ""):

@@ -119,6 +119,17 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not gone within `timeout`; always reaped."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _drain(proc: subprocess.Popen, chunks: list[bytes]) -> None:
     assert proc.stdout is not None
     for line in iter(proc.stdout.readline, b""):
@@ -159,13 +170,7 @@ def running(
             wait_for_port(*ready, timeout=timeout, proc=proc)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 @contextlib.contextmanager

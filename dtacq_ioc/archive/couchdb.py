@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 import httpx
 
+from dtacq_ioc.archive.dig import LEGACY_FIELDS
 from dtacq_ioc.archive.records import RunFile, RunRecord
 from dtacq_ioc.config import CouchConfig
 
@@ -35,23 +36,6 @@ Progress = Callable[[int, int], None]  # (bytes sent so far, total bytes)
 UPDATE_HANDLER = ("_design", "nedm_default", "_update", "insert_with_timestamp")
 DESIGN_DIR = "couchdb_design"  # beside this module
 
-# Header fields the old server put at the top level of a measurement document.
-LEGACY_FIELDS = (
-    "channels",
-    "channel_list",
-    "byte_depth",
-    "bit_shift",
-    "is_float",
-    "ip",
-    "downsample",
-    "freq_hz",
-    "date",
-    "measurement_name",
-    "log",
-    "current_gains",
-    "gain_conversion",
-    "filename",
-)
 EXTRAS_KEY = "dtacq_run"  # where our own fields live, clear of the old names
 _CHUNK = 256 * 1024
 

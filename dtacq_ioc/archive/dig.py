@@ -24,6 +24,24 @@ import numpy as np
 
 from dtacq_ioc.archive.records import RunFile
 
+# The header fields the old system wrote (and its readers and database documents use).
+LEGACY_FIELDS = (
+    "channels",
+    "channel_list",
+    "byte_depth",
+    "bit_shift",
+    "is_float",
+    "ip",
+    "downsample",
+    "freq_hz",
+    "date",
+    "measurement_name",
+    "log",
+    "current_gains",
+    "gain_conversion",
+    "filename",
+)
+
 log = logging.getLogger(__name__)
 
 DATE_FORMAT = "%Y-%m-%d %H-%M-%S.%f"

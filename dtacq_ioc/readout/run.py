@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dtacq_ioc.archive.dig import Opener, file_date, safe_path
+from dtacq_ioc.archive.dig import LEGACY_FIELDS, Opener, file_date, safe_path
 from dtacq_ioc.archive.records import RunFile, RunRecord
 from dtacq_ioc.readout.integrity import COUNTER_MODULUS, Gap
 from dtacq_ioc.readout.transform import ChannelMap, Downsampler
@@ -42,30 +42,14 @@ from dtacq_ioc.readout.writer import BufferPool, Chunk, RunWriter
 log = logging.getLogger(__name__)
 
 # Header keys the system writes; logitems may not replace them.
-HEADER_KEYS = frozenset(
-    {
-        "channels",
-        "channel_list",
-        "byte_depth",
-        "bit_shift",
-        "is_float",
-        "ip",
-        "downsample",
-        "freq_hz",
-        "date",
-        "measurement_name",
-        "log",
-        "current_gains",
-        "gain_conversion",
-        "card",
-        "run_id",
-        "file_index",
-        "first_counter",
-        "type",
-        "filename",
-        "logitems",
-    }
-)
+HEADER_KEYS = frozenset(LEGACY_FIELDS) | {
+    "card",
+    "run_id",
+    "file_index",
+    "first_counter",
+    "type",
+    "logitems",
+}
 MAX_LOGITEMS = 64
 
 
