@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from support import ROOT, child_env, free_port, stop_process, wait_for_port
+from support import ROOT, child_env, free_port, running, stop_process
 
 HERE = Path(__file__).resolve()
 
@@ -181,18 +181,9 @@ prefix = "GEN:"
 
 @contextlib.contextmanager
 def bridge_process(config: Path, port: int, ca_port: int = 0) -> Iterator[subprocess.Popen]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dtacq_ioc", "bridge", str(config)],
-        cwd=ROOT,
-        env=child_env(**ca_env(ca_port)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_port("127.0.0.1", port, proc=proc)
+    env = child_env(**ca_env(ca_port))
+    with running(["bridge", str(config)], ready=("127.0.0.1", port), env=env) as proc:
         yield proc
-    finally:
-        stop_process(proc)
 
 
 def new_port() -> int:
