@@ -80,15 +80,13 @@ def test_one_bridge_serves_two_iocs_and_one_going_down_leaves_the_other(tmp_path
         iocs[0][1] as first,
         iocs[1][1],
         running(["bridge", str(bridge_config)], ready=("127.0.0.1", port), env=bridge_env),
+        connect(f"ws://127.0.0.1:{port}/pvws/pv", open_timeout=10) as ws,
     ):
-        with connect(f"ws://127.0.0.1:{port}/pvws/pv", open_timeout=10) as ws:
-            watcher = Watcher(ws, beats)
-            watcher.until(lambda: all(b in watcher.value for b in beats), "both IOCs' PVs")
-            watcher.until(
-                lambda: all(watcher.value.get(b, 0) >= 2 for b in beats), "both heartbeats"
-            )
-            stop_process(first)  # one IOC goes away
-            watcher.until(lambda: watcher.connected.get(beats[0]) is False, "first disconnected")
-            last = watcher.value[beats[1]]
-            watcher.until(lambda: watcher.value[beats[1]] >= last + 2, "the second beats on")
-            assert watcher.connected[beats[1]] is True
+        watcher = Watcher(ws, beats)
+        watcher.until(lambda: all(b in watcher.value for b in beats), "both IOCs' PVs")
+        watcher.until(lambda: all(watcher.value.get(b, 0) >= 2 for b in beats), "both heartbeats")
+        stop_process(first)  # one IOC goes away
+        watcher.until(lambda: watcher.connected.get(beats[0]) is False, "first disconnected")
+        last = watcher.value[beats[1]]
+        watcher.until(lambda: watcher.value[beats[1]] >= last + 2, "the second beats on")
+        assert watcher.connected[beats[1]] is True
