@@ -56,6 +56,13 @@ def test_first_update_carries_metadata_then_only_changes(served):
             first = await subscribe(ws, "GEN:TEMP", "GEN:MODE", "GEN:NOTE", "GEN:NAN", "GEN:NAME")
             t = first["GEN:TEMP"]
             assert t["vtype"] == "VDouble" and t["units"] == "degC" and t["precision"] == 3
+            desc = t.get("description")
+            if desc is None:  # looked up beside the value: may come just after
+                later = await recv_until(
+                    ws, lambda m: m.get("pv") == "GEN:TEMP" and "description" in m
+                )
+                desc = later["description"]
+            assert desc == "a temperature"  # the record's DESC field
             assert (t["min"], t["max"]) == (-50.0, 100.0)
             assert (t["alarm_low"], t["alarm_high"], t["warn_low"], t["warn_high"]) == (
                 -40.0, 90.0, -30.0, 80.0,

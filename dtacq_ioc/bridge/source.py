@@ -41,6 +41,9 @@ TEXT_SUFFIXES = (
 )  # fmt: skip
 
 
+DESC_TIMEOUT_S = 2.0  # how long to look for a record's DESC field
+
+
 class WriteRefused(Exception):
     """A write that was not done; the message says why, in one line."""
 
@@ -86,6 +89,7 @@ class PvEntry:
     tokens: tuple[int, int] | None = None
     last_response: Any = None  # kept to re-send once metadata is known
     limits: tuple[float, float] | None = None  # control limits, checked before writing
+    desc_task: asyncio.Task | None = None
 
     @property
     def writable(self) -> bool:
@@ -113,8 +117,9 @@ class PvSource:
 
     async def close(self) -> None:
         for entry in list(self.entries.values()):
-            if entry.task:
-                entry.task.cancel()
+            for task in (entry.task, entry.desc_task):
+                if task:
+                    task.cancel()
         self.entries.clear()
         if self.context is not None:
             with contextlib.suppress(Exception):
@@ -209,6 +214,25 @@ class PvSource:
         entry.limits = (float(lo), float(hi)) if numeric and lo < hi else None
         entry.meta["connected"] = True
         entry.meta["readonly"] = not entry.writable
+        if "description" not in entry.meta and "." not in entry.name:
+            # Not awaited: a server without record fields must not delay the first value.
+            entry.desc_task = asyncio.create_task(self._describe(entry))
+
+    async def _describe(self, entry: PvEntry) -> None:
+        """Add the record's DESC field, when the server has one (not every CA server does)."""
+        assert self.context is not None
+        try:
+            (desc,) = await self.context.get_pvs(entry.name + ".DESC", timeout=DESC_TIMEOUT_S)
+            await desc.wait_for_connection(timeout=DESC_TIMEOUT_S)
+            reading = await desc.read(timeout=DESC_TIMEOUT_S)
+        except Exception:
+            return
+        raw = reading.data[0] if len(reading.data) else b""
+        text = raw.decode("latin-1") if isinstance(raw, bytes) else str(raw)
+        if text:
+            entry.meta["description"] = text
+            if entry.fields:  # the first update has gone out: send it as a change
+                self._emit(entry, {"description": text})
 
     def _value(self, entry: PvEntry, response: Any) -> None:
         entry.last_response = response
