@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from pathlib import Path
 
 import epics
 import numpy as np
@@ -264,3 +265,19 @@ def test_sigterm_mid_run_closes_the_run_and_its_files(tmp_path, loopback):
     assert record.state in ("complete", "fault") and record.samples > 50_000
     _, chans = read_run([f.path for f in record.files])
     assert len(chans[0]) == record.samples
+
+
+def test_hostile_measurement_names_never_become_paths(ioc, tmp_path):
+    name = "../../../../tmp/evil/..\\x/\x01name"
+    assert put(ioc.pv("CLKDIV"), 1000) == 1
+    assert put(ioc.pv("RUN:NAME"), name) == 1
+    assert put(ioc.pv("RUN:START"), 1) == 1
+    wait_for(lambda: caget(ioc.pv("RUN:SAMPLES_RBV")) > 20_000, "a run under way")
+    assert put(ioc.pv("RUN:STOP"), 1) == 1
+    result = json.loads(wait_for(lambda: castr(ioc.pv("RUN:LAST_RESULT")), "a run result"))
+    root = ioc.data_dir.resolve()
+    files = [(ioc.data_dir / f).resolve() for f in result["files"]]
+    assert files and all(f.is_relative_to(root / "C1") for f in files)
+    header, _ = read_run(files)
+    assert header["measurement_name"] == name  # kept verbatim, as text only
+    assert not (tmp_path.parent / "evil").exists() and not Path("/tmp/evil").exists()
