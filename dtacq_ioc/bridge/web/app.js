@@ -40,7 +40,7 @@ function show(msg) {
     else if (suffix === "1:AI:SPEC:FREQ") state.freq = arr;
     return;
   }
-  const text = cur.text !== undefined ? cur.text : cur.value;
+  const text = cur.text !== undefined ? cur.text : formatNumber(cur.value, cur.precision);
   document.querySelectorAll(`[data-pv="${CSS.escape(suffix)}"]`).forEach((el) => {
     el.textContent = cur.connected === false ? "(disconnected)" : (text === undefined ? "" : text);
     el.className = el.className.replace(/ ?alarm-\w+/g, "") + (cur.severity ? ` alarm-${cur.severity}` : "");
@@ -49,6 +49,18 @@ function show(msg) {
   if (suffix === "1:NCHAN" && msg.value !== undefined) fillChannels(+msg.value);
   if (suffix === "RUN:RECENT" && cur.text !== undefined) showRecent(cur.text);
   if (suffix === "CLKDIV_RBV" && !$("clkdiv").value) $("clkdiv").value = cur.value;
+}
+
+// Numbers as the PV's precision says (its first update carries it), not all 15 digits.
+function formatNumber(v, precision) {
+  if (typeof v !== "number" || Number.isInteger(v) || precision === undefined) return v;
+  return v.toFixed(Math.max(0, Math.min(precision, 12)));
+}
+
+// Log-axis ticks: 1e-5 must not read "0".
+function logTicks(u, vals) {
+  return vals.map((v) => (v == null ? "" : v >= 0.01 && v < 1e4 ? String(+v.toPrecision(3))
+                                                                : v.toExponential(0)));
 }
 
 function fillGains(labels) {
@@ -98,7 +110,8 @@ function makePlot(el, xlabel, ylabel, chans, log) {
     label: `ch ${ch}`, stroke: COLORS[i % COLORS.length], width: 1 })));
   return new uPlot({ width: Math.max(400, el.clientWidth - 10), height: 260, series,
     scales: { x: { time: false }, y: log ? { distr: 3 } : {} },
-    axes: [{ label: xlabel }, { label: ylabel }] }, [[]].concat(chans.map(() => [])), el);
+    axes: [{ label: xlabel }, log ? { label: ylabel, values: logTicks, size: 60 } : { label: ylabel }] },
+    [[]].concat(chans.map(() => [])), el);
 }
 
 function drawWaveforms() {
@@ -108,9 +121,11 @@ function drawWaveforms() {
   const n = Math.min(...chans.map((c) => state.wf[c].length));
   if (!state.wfPlot || state.wfPlot.series.length !== chans.length + 1) {
     if (state.wfPlot) state.wfPlot.destroy();
-    state.wfPlot = makePlot($("wf-plot"), "sample", "V", chans, false);
+    state.wfPlot = makePlot($("wf-plot"), "ms", "V", chans, false);
   }
-  const x = Array.from({ length: n }, (_, i) => i);
+  const rate = (state.values[pv("SAMPLE_RATE_RBV")] || {}).value;
+  const ms = rate > 0 ? 1e3 / rate : 1;  // sample index until the rate is known
+  const x = Array.from({ length: n }, (_, i) => i * ms);
   state.wfPlot.setData([x].concat(chans.map((c) => Array.from(state.wf[c].subarray(0, n)))));
 }
 
