@@ -242,12 +242,17 @@ class Card:
         return self._int(self._first().site, "clkdiv")
 
     def set_clkdiv(self, clkdiv: int) -> int:
-        """Set clkdiv on every AI site read; return the card's read-back."""
+        """Set clkdiv on every AI site read; return the card's read-back.
+
+        Refused before anything is sent when the module does not allow it or when
+        the rate it gives is below the configured minimum.
+        """
         sites = [self.site_info(s) for s in self.ai_sites()]
         for s in sites:
             reason = s.spec.check_clkdiv(clkdiv)
             if reason:
                 raise SettingRefused(self.name, "clkdiv", f"site {s.site}: {reason}")
+        self._check_rate(self._rate(clkdiv), f"clkdiv {clkdiv}")
         for s in sites:
             self.knob(s.site).set("clkdiv", clkdiv)
         return self.clkdiv()
@@ -301,23 +306,36 @@ class Card:
 
     def sample_rate_hz(self) -> float:
         """(external clock or sysclkhz) / (clkdiv x divider), as the old system computed it."""
-        first = self._first()
-        spec = first.spec
+        return self._rate(None)
+
+    def _rate(self, clkdiv: int | None) -> float:
+        """The rate with the card's clkdiv, or with `clkdiv` if given."""
+        spec = self._first().spec
         clock = self.external_clock() or self.sysclk_hz()
-        clkdiv = spec.default_clkdiv if spec.fixed_clkdiv else self.clkdiv()
+        if spec.fixed_clkdiv:
+            clkdiv = spec.default_clkdiv
+        elif clkdiv is None:
+            clkdiv = self.clkdiv()
         return models.sample_rate_hz(clock, clkdiv, spec.divider_for(self.hi_res()))
 
     def check_sample_rate(self) -> float:
         """The sample rate, or SettingRefused when it is below the configured minimum."""
-        rate = self.sample_rate_hz()
+        return self._check_rate(self.sample_rate_hz(), "sample rate")
+
+    def _check_rate(self, rate: float, setting: str) -> float:
         if rate < self.min_sample_rate_hz:
             raise SettingRefused(
                 self.name,
-                "sample rate",
+                setting,
                 f"{rate:.6g} Hz is below the minimum {self.min_sample_rate_hz:g} Hz "
                 "(ioc.min_sample_rate_hz)",
             )
         return rate
+
+    @property
+    def fixed_clkdiv(self) -> bool:
+        """The modules ignore clkdiv (LIA firmware, ACQ480)."""
+        return self._first().spec.fixed_clkdiv
 
     # -- gains ------------------------------------------------------------------------
 

@@ -186,7 +186,7 @@ class CardController:
             self.card.set_external_clock(
                 float(saved.get("EXT_CLOCK_FREQ", 10e6)) if external else None
             )
-        if "CLKDIV" in saved and not self.card._first().spec.fixed_clkdiv:
+        if "CLKDIV" in saved and not self.card.fixed_clkdiv:
             self.card.set_clkdiv(int(saved["CLKDIV"]))
         for key, label in saved.items():
             parts = key.split(":")
@@ -324,15 +324,6 @@ class CardController:
     def _apply_clock(self, suffix: str, value: Any) -> None:
         """Set a clock setting; refuse rates below the minimum; restart the stream."""
         if suffix == "CLKDIV":
-            spec = self.card._first().spec
-            clock = self.card.external_clock() or self.card.sysclk_hz()
-            rate = clock / (int(value) * spec.divider_for(self.card.hi_res()))
-            if rate < self.ioc.min_sample_rate_hz:
-                raise CardError(
-                    self.name,
-                    f"{self.name}: clkdiv {value} gives {rate:.6g} Hz, below the minimum "
-                    f"{self.ioc.min_sample_rate_hz:g} Hz",
-                )
             self.card.set_clkdiv(int(value))
         else:
             external = value if suffix == "EXT_CLOCK" else self.pvs.value("EXT_CLOCK")
