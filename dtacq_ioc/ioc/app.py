@@ -129,6 +129,9 @@ async def start_simulator(config: Config) -> subprocess.Popen | None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "dtacq_ioc", "sim", str(config.path)],
         stdin=subprocess.DEVNULL,
+        # Its own process group: a Ctrl-C or a group SIGTERM reaches the IOC only, which
+        # closes its runs first and then stops the cards (a real card outlives its IOC).
+        start_new_session=True,
         preexec_fn=_die_with_parent,
     )
     loop = asyncio.get_running_loop()

@@ -248,6 +248,7 @@ def long_string(
         read_only=put is None,
         alarm_group=alarm_group,
         record="waveform",
+        max_subscription_backlog=WAVEFORM_BACKLOG,
     )
     if put is not None:
         prop.putter(put)
