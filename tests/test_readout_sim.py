@@ -7,10 +7,13 @@ Every sample in the files is compared with what the simulator sent (its
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
+from ioc_support import wait_for
 from support import sim_card_toml, sim_process, write_config
+from test_readout_run import GatedFile
 
 from dtacq_ioc.archive.catalog import open_catalog
 from dtacq_ioc.archive.dig import read_dig
@@ -126,6 +129,30 @@ def test_disconnect_mid_run_closes_a_readable_run(setup):
     got = check_files_match_table(run, expected_table(card, readout))
     assert got == rec.samples and 0 < got <= 2_000_010 // 40  # 40-byte samples
     assert not readout.streaming and "closed" in readout.stats().reason
+
+
+def test_a_disk_that_cannot_keep_up_costs_counted_overruns_and_a_readable_run(setup):
+    """The simulator streams while the disk is stuck: overruns are counted, the stream
+    goes on, and every sample that reached a file is exactly what the card sent."""
+    config, card, _, catalog, _ = setup
+    gate = threading.Event()
+    archive = replace(config.archive, writer_queue_buffers=2)
+    readout = Readout(card, config.ioc, archive, catalog, opener=lambda p: GatedFile(p, gate))
+    try:
+        readout.start()
+        run = readout.start_run(RunSettings(measurement_name="slow disk"))
+        buffers = readout.stats().buffers
+        wait_for(lambda: run.overruns >= 3, "overruns while the disk is stuck")
+        assert readout.stats().buffers > buffers + 3  # the stream never waited
+        gate.set()
+        readout.stop_run(60)
+        assert run.state is RunState.IDLE, run.fault
+        rec = catalog.get_run(run.run_id)
+        assert rec.overruns == run.overruns >= 3 and rec.state == "complete"
+        got = check_files_match_table(run, expected_table(card, readout))
+        assert got == rec.samples > 0
+    finally:
+        readout.close()
 
 
 @pytest.fixture
