@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 import epics
+import pytest
 from conftest import COUCH_DB, COUCH_WRITER, PouchServer
 from ioc_support import caget, castr, ioc_process, ioc_toml, new_prefix, wait_for
 from test_ioc import put, sim_knob
@@ -52,13 +53,18 @@ def documents(server: PouchServer) -> list[dict]:
         return [client.get_document(r["id"]) for r in rows]
 
 
-def test_network_loss_mid_run_closes_the_run_alarms_and_recovers(tmp_path, loopback):
+@pytest.mark.parametrize(
+    ("knob", "seconds"),
+    [("SIM:REBOOT", 4), ("SIM:HANG", 8)],
+    ids=["card-reboot", "network-loss"],  # ports refused; connections open but silent
+)
+def test_card_lost_mid_run_closes_the_run_alarms_and_recovers(tmp_path, loopback, knob, seconds):
     prefix = new_prefix()
     with ioc_process(ioc_toml(tmp_path, loopback, prefix), prefix, loopback) as ioc:
-        start_run(ioc, "cable pulled")
+        start_run(ioc, "card lost")
         rbv = epics.PV(ioc.pv("SAMPLE_RATE_RBV"), form="ctrl")
         assert rbv.wait_for_connection(5)
-        sim_knob(ioc.host, "SIM:HANG", 8)  # connections stay open, nothing answers
+        sim_knob(ioc.host, knob, seconds)
         wait_for(lambda: caget(ioc.pv("CONNECTED"), as_string=True) == "No", "link down")
         wait_for(lambda: rbv.get_ctrlvars() and rbv.severity == 3, "readbacks INVALID")
         result = last_result(ioc)
