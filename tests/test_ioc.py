@@ -263,3 +263,17 @@ def test_hostile_measurement_names_never_become_paths(ioc, tmp_path):
     header, _ = read_run(files)
     assert header["measurement_name"] == name  # kept verbatim, as text only
     assert not (tmp_path.parent / "evil").exists() and not Path("/tmp/evil").exists()
+
+
+def test_a_watched_spectrum_updates_at_the_display_rate(ioc):
+    # Unwatched spectra are refreshed once a second; a monitor makes them live.
+    frames: list[float] = []
+    pv = epics.PV(ioc.pv("1:AI:SPEC:01"), auto_monitor=True)
+    pv.add_callback(lambda value=None, **kw: frames.append(time.monotonic()))
+    try:
+        wait_for(lambda: len(frames) >= 12, "12 spectrum updates")
+    finally:
+        pv.clear_callbacks()
+        pv.disconnect()
+    rate = (len(frames) - 2) / (frames[-1] - frames[1])
+    assert rate > 5.0, rate  # display rate 10 Hz, not the 1 Hz idle refresh

@@ -37,6 +37,7 @@ BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
 LINK_CHECK_S = 2.0  # how often an idle link is probed with a knob query
 RECENT_RUNS = 20
+SPECTRUM_IDLE_S = 1.0  # spectra of an unwatched card are refreshed this often
 
 _MAJOR = (AlarmStatus.STATE, AlarmSeverity.MAJOR_ALARM)
 _MINOR = (AlarmStatus.STATE, AlarmSeverity.MINOR_ALARM)
@@ -111,6 +112,10 @@ class CardController:
         self._last_run: Run | None = None
         self._run_reported: str | None = None
         self._readbacks: dict[str, Any] = {}
+        self._last_spectrum = 0.0
+        self._spectrum_pvs = [
+            f"{s.site}:AI:SPEC:{i + 1:02d}" for s in self.pvs.sites for i in range(s.spec.nchan)
+        ]
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -520,7 +525,15 @@ class CardController:
     async def _frame_values(self, upd: Update) -> None:
         display = self.readout.display
         assert display is not None
-        snap = await asyncio.to_thread(display.snapshot)
+        # The spectrum is most of a frame's work: at the display rate while a client
+        # watches one, else once a second (a caget is never more than that behind).
+        now = time.monotonic()
+        wanted = now - self._last_spectrum >= SPECTRUM_IDLE_S or any(
+            self.pvs.pv(suffix).watched for suffix in self._spectrum_pvs
+        )
+        snap = await asyncio.to_thread(display.snapshot, wanted)
+        if snap.spectrum_fresh:
+            self._last_spectrum = now
         if snap.updates == self._last_frame or snap.samples == 0:
             return
         self._last_frame = snap.updates
@@ -529,7 +542,8 @@ class CardController:
         for layout in self.pvs.sites:
             pre = f"{layout.site}:"
             values[pre + "AI:WF:TB"] = snap.timebase_s
-            if len(snap.freq_hz):
+            spectra = snap.spectrum_fresh and len(snap.freq_hz) > 0
+            if spectra:
                 values[pre + "AI:SPEC:FREQ"] = snap.freq_hz
             # Each snapshot's arrays are new, so PVs may keep views of their rows.
             raw = snap.raw[layout.channels.start : layout.channels.stop]
@@ -539,7 +553,7 @@ class CardController:
                 ch = f"{i + 1:02d}"
                 values[f"{pre}AI:WF:{ch}"] = raw[i]
                 values[f"{pre}AI:WF:{ch}:V"] = snap.volts[col]
-                if len(snap.freq_hz):
+                if spectra:
                     values[f"{pre}AI:SPEC:{ch}"] = snap.spectrum[col]
                 values[f"{pre}AI:CH:{ch}"] = float(snap.mean[col])
                 values[f"{pre}AI:CH:{ch}:MIN"] = float(snap.minimum[col])

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from caproto import AccessRights, ChannelType
 from caproto.server import PVGroup, pvproperty
-from caproto.server.server import PvpropertyChar, pvspec_type_map
+from caproto.server.server import PvpropertyChar, pvspec_type_map, pvspec_type_map_read_only
 
 LINK = "link"  # alarm group shared by PVs whose value depends on the card link
 WAVEFORM_BACKLOG = 3  # past updates kept per client for big arrays (caproto default: 1000)
@@ -68,9 +68,31 @@ class _EmptyTextPut:
         return await super().write_from_dbr(data, data_type, metadata, *args, **kwargs)  # type: ignore[misc]
 
 
+class _Watched:
+    """Knows whether any client subscribes, so costly values are made only when watched.
+
+    caproto subscribes a PV once per distinct subscription and unsubscribes it when
+    the last client of that subscription goes, so a set of them is exact.
+    """
+
+    async def subscribe(self, queue, sub_spec, sub):
+        self.__dict__.setdefault("_watchers", set()).add(sub_spec)
+        return await super().subscribe(queue, sub_spec, sub)  # type: ignore[misc]
+
+    async def unsubscribe(self, queue, sub_spec):
+        self.__dict__.setdefault("_watchers", set()).discard(sub_spec)
+        return await super().unsubscribe(queue, sub_spec)  # type: ignore[misc]
+
+    @property
+    def watched(self) -> bool:
+        return bool(self.__dict__.get("_watchers"))
+
+
 def _checked(cls: type) -> type:
     mixins = (
-        (_AccessChecked, _EmptyTextPut) if issubclass(cls, PvpropertyChar) else (_AccessChecked,)
+        (_AccessChecked, _Watched, _EmptyTextPut)
+        if issubclass(cls, PvpropertyChar)
+        else (_AccessChecked, _Watched)
     )
     return type(f"Checked{cls.__name__}", (*mixins, cls), {})
 
@@ -80,6 +102,10 @@ class CheckedGroup(PVGroup):
 
     access_rules: AccessRules | None = None
     type_map = {dtype: _checked(cls) for dtype, cls in pvspec_type_map.items()}
+    type_map_read_only = {
+        dtype: type(f"Watched{cls.__name__}", (_Watched, cls), {})
+        for dtype, cls in pvspec_type_map_read_only.items()
+    }
 
 
 def make_pv(
