@@ -109,7 +109,9 @@ def test_catalog_down_during_a_run_is_delivered_when_it_returns(tmp_path, loopba
             spool = ioc.data_dir / "spool"
             wait_for(lambda: list(spool.glob("*.json")), "the run waiting in the spool")
             server.start()  # the database comes back
-            docs = wait_for(lambda: documents(server), "the run delivered", 60)
+            # The spool lets an entry go only once the document and every file are in.
+            wait_for(lambda: not list(spool.glob("*.json")), "the run delivered", 60)
+            docs = documents(server)
         assert [d["measurement_name"] for d in docs] == ["catalog down"]
         doc = docs[0]
         assert doc["dtacq_run"]["run_id"] == result["run_id"]
@@ -134,8 +136,11 @@ def test_sigkill_mid_run_leaves_a_readable_interrupted_run_that_is_delivered(
     # The simulator died with its IOC (no port left bound): the next start plays it again.
     prefix = new_prefix()
     config = ioc_toml(tmp_path, loopback, prefix, archive_extra=couch_archive(pouchdb))
-    with ioc_process(config, prefix, loopback):
-        docs = wait_for(lambda: documents(pouchdb), "the interrupted run delivered", 60)
+    with ioc_process(config, prefix, loopback) as ioc:
+        spool = ioc.data_dir / "spool"
+        wait_for(lambda: documents(pouchdb), "the interrupted run spooled and sent", 60)
+        wait_for(lambda: not list(spool.glob("*.json")), "its delivery complete", 60)
+        docs = documents(pouchdb)
     catalog = SqliteCatalog(tmp_path / "data" / "runs.sqlite")
     try:
         record = catalog.get_run(run_id)
