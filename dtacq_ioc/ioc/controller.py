@@ -28,7 +28,7 @@ from dtacq_ioc.ioc import pvs
 from dtacq_ioc.ioc.autosave import Autosave
 from dtacq_ioc.ioc.cardgroup import CLOCKS, NO_YES, SAVED, CardPVs, Update
 from dtacq_ioc.readout.pipeline import Readout, ReadoutStats
-from dtacq_ioc.readout.run import Run, RunSettings, SettingsError
+from dtacq_ioc.readout.run import RunSettings, SettingsError
 from dtacq_ioc.readout.triggers import TriggerRegistry
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,6 @@ class CardController:
         self._busy = asyncio.Lock()  # one card operation at a time (settings, runs, actions)
         self._started = time.monotonic()
         self._last_frame = -1
-        self._last_run: Run | None = None
         self._run_reported: str | None = None
         self._readbacks: dict[str, Any] = {}
         self._last_spectrum = 0.0
@@ -134,6 +133,7 @@ class CardController:
         backoff = BACKOFF_START_S
         while not self._stopping.is_set():
             self.state = "CONNECTING"
+            self._link_lost.clear()  # before the stream opens: its end must not be missed
             try:
                 async with self._busy:
                     await asyncio.to_thread(self._connect_and_stream)
@@ -160,7 +160,6 @@ class CardController:
 
     async def _watch_link(self) -> None:
         """Return when the stream ends or the knob service stops answering."""
-        self._link_lost.clear()
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._link_lost.wait(), LINK_CHECK_S)
@@ -406,10 +405,9 @@ class CardController:
             settings = self.run_settings()
             async with self._busy:
                 await asyncio.to_thread(self.card.check_sample_rate)
-                run = await asyncio.to_thread(self.readout.start_run, settings)
+                await asyncio.to_thread(self.readout.start_run, settings)
         except (PutRefused, SettingsError, CardError, OSError) as exc:
             await self._refuse(f"{self.name}: run not started: {exc}")
-        self._last_run = run
         self._run_reported = None
         return "Idle"
 
