@@ -293,37 +293,33 @@ def add_fault_knobs(t: KnobTable, st: CardState, reboot: Callable[[float], None]
     t.add(bool_fault("not_ready", "SIM:NOT_READY"))
     t.add(bool_fault("unthrottled", "SIM:UNTHROTTLED"))
 
+    def bounded(name: str, value: str, top: float, unit: str) -> float:
+        x = number(name, value)
+        if not 0 <= x <= top:
+            raise KnobRejected(f"ERROR: {name}: {x} not in 0..{top:g} {unit}")
+        return x
+
     def set_delay(value: str) -> str:
-        seconds = number("SIM:KNOB_DELAY", value)
-        if not 0 <= seconds <= 60:
-            raise KnobRejected(f"ERROR: SIM:KNOB_DELAY: {seconds} not in 0..60 s")
-        st.faults.knob_delay_s = seconds
+        st.faults.knob_delay_s = bounded("SIM:KNOB_DELAY", value, 60, "s")
         return ""
 
     t.add(Knob("SIM:KNOB_DELAY", lambda: f"{st.faults.knob_delay_s:g}", set_delay))
 
     def set_reboot(value: str) -> AfterReply:
-        seconds = number("SIM:REBOOT", value)
-        if not 0 <= seconds <= 600:
-            raise KnobRejected(f"ERROR: SIM:REBOOT: {seconds} not in 0..600 s")
+        seconds = bounded("SIM:REBOOT", value, 600, "s")
         st.faults.reboot_s = seconds
         return AfterReply("", lambda: reboot(seconds))
 
     t.add(Knob("SIM:REBOOT", lambda: f"{st.faults.reboot_s:g}", set_reboot))
 
     def set_mbps(value: str) -> str:
-        mbps = number("SIM:MBPS", value)
-        if not 0 <= mbps <= 100_000:
-            raise KnobRejected(f"ERROR: SIM:MBPS: {mbps} not in 0..100000 MB/s")
-        st.faults.mbps = mbps
+        st.faults.mbps = bounded("SIM:MBPS", value, 100_000, "MB/s")
         return ""
 
     t.add(Knob("SIM:MBPS", lambda: f"{st.faults.mbps:g}", set_mbps))
 
     def set_hang(value: str) -> AfterReply:
-        seconds = number("SIM:HANG", value)
-        if not 0 <= seconds <= 600:
-            raise KnobRejected(f"ERROR: SIM:HANG: {seconds} not in 0..600 s")
+        seconds = bounded("SIM:HANG", value, 600, "s")
 
         def hang() -> None:  # after the reply: the set itself is still answered
             st.faults.hang_until = time.monotonic() + seconds
