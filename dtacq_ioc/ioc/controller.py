@@ -345,7 +345,7 @@ class CardController:
 
     async def put_gain(self, pvname: str, value: Any) -> Any:
         suffix = self._suffix(pvname)
-        site_text, _, channel = suffix.split(":", 2)[0], None, suffix.split(":")[-1]
+        site_text, _, channel = suffix.split(":")  # "<S>:GAIN:<NN>" or "<S>:GAIN:ALL"
         layout = self._site(int(site_text))
         label = value if isinstance(value, str) else layout.labels[int(value)]
         if label not in layout.labels:
@@ -507,7 +507,7 @@ class CardController:
             return
         st = run.status()
         values = upd.values
-        values["RUN:STATE_RBV"] = "IDLE" if st["state"] == "IDLE" else st["state"]
+        values["RUN:STATE_RBV"] = st["state"]
         values["RUN:ID_RBV"] = st["run_id"]
         values["RUN:SAMPLES_RBV"] = float(st["samples"])
         values["RUN:BYTES_RBV"] = float(st["bytes_written"])
