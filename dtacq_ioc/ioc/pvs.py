@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -86,6 +87,21 @@ class _Watched:
     @property
     def watched(self) -> bool:
         return bool(self.__dict__.get("_watchers"))
+
+
+class _Derived:
+    """Mixed into waveforms computed from the latest frame only when wanted (volts, spectra).
+
+    (Placeholder: the refresh-on-read hook lands here.)
+    """
+
+
+@cache
+def _array_class(dtype: ChannelType, derived: bool) -> type:
+    """The read-only class of a waveform PV: watched, and derived when asked."""
+    base = pvspec_type_map_read_only[dtype]
+    mixins: tuple[type, ...] = (_Derived, _Watched) if derived else (_Watched,)
+    return type(f"Array{'Derived' if derived else ''}{base.__name__}", (*mixins, base), {})
 
 
 def _checked(cls: type) -> type:
@@ -290,8 +306,12 @@ def waveform(
     units: str = "",
     precision: int = 0,
     alarm_group: str | None = LINK,
+    derived: bool = False,
 ) -> pvproperty:
-    """A read-only array PV whose maximum length is fixed from the config."""
+    """A read-only array PV whose maximum length is fixed from the config.
+
+    `derived`: computed from the latest frame only while watched or when read.
+    """
     np_type = {
         ChannelType.INT: np.int16,
         ChannelType.LONG: np.int32,
@@ -302,7 +322,7 @@ def waveform(
         name,
         np.zeros(length, dtype=np_type),
         doc,
-        dtype=dtype,
+        dtype=_array_class(dtype, derived),
         units=units,
         precision=precision,
         record="waveform",
