@@ -7,6 +7,7 @@ the link itself, so one write marks the whole card COMM/INVALID when it drops.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cache
@@ -22,6 +23,9 @@ WAVEFORM_BACKLOG = 3  # past updates kept per client for big arrays (caproto def
 LONG_STRING = 4096  # bytes of a CHAR-array "long string" PV
 
 Putter = Callable[[PVGroup, Any, Any], Awaitable[Any]]
+Refresher = Callable[[], Awaitable[None]]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,8 +96,29 @@ class _Watched:
 class _Derived:
     """Mixed into waveforms computed from the latest frame only when wanted (volts, spectra).
 
-    (Placeholder: the refresh-on-read hook lands here.)
+    Their owner keeps them current only while watched; `refresher` (set by the owner on
+    the instance) brings the value up to date and is awaited before every read and
+    before the first update of a new subscription, so a client never sees a stale value.
     """
+
+    refresher: Refresher | None = None
+    pvname: str
+
+    async def read(self, data_type):
+        await self._refresh()
+        return await super().read(data_type)  # type: ignore[misc]
+
+    async def subscribe(self, queue, sub_spec, sub):
+        await self._refresh()
+        return await super().subscribe(queue, sub_spec, sub)  # type: ignore[misc]
+
+    async def _refresh(self) -> None:
+        if self.refresher is None:
+            return
+        try:
+            await self.refresher()
+        except Exception:  # the client still gets an answer: the value as it was
+            log.exception("%s: refreshing before a read failed", self.pvname)
 
 
 @cache
