@@ -15,6 +15,7 @@ import epics
 import numpy as np
 import pytest
 from caproto import ChannelType, ErrorResponseReceived
+from caproto.sync.client import read as ca_read
 from caproto.sync.client import write as ca_write
 from caproto.threading.client import Context
 from ioc_support import caget, castr, ioc_process, ioc_toml, new_prefix, wait_for
@@ -24,6 +25,7 @@ from dtacq_ioc.archive.sqlite import SqliteCatalog
 from dtacq_ioc.card.knobs import KnobClient
 from dtacq_ioc.card.models import module_spec
 from dtacq_ioc.config import load_config
+from dtacq_ioc.readout.display import amplitude_spectrum
 from dtacq_ioc.sim.signals import SignalTable, SiteSignals
 
 SINE = '[{kind = "sine", amplitude_v = 5.0, freq_hz = 1000.0}]'
@@ -266,7 +268,7 @@ def test_hostile_measurement_names_never_become_paths(ioc, tmp_path):
 
 
 def test_a_watched_spectrum_updates_at_the_display_rate(ioc):
-    # Unwatched spectra are refreshed once a second; a monitor makes them live.
+    # Unwatched spectra are computed only when read; a monitor makes them live.
     frames: list[float] = []
     pv = epics.PV(ioc.pv("1:AI:SPEC:01"), auto_monitor=True)
     pv.add_callback(lambda value=None, **kw: frames.append(time.monotonic()))
@@ -277,3 +279,68 @@ def test_a_watched_spectrum_updates_at_the_display_rate(ioc):
         pv.disconnect()
     rate = (len(frames) - 2) / (frames[-1] - frames[1])
     assert rate > 5.0, rate  # display rate 10 Hz, not the 1 Hz idle refresh
+
+
+def unmonitored_read(name: str) -> tuple[np.ndarray, float]:
+    """A read without a subscription, and the value's timestamp: the PV stays unwatched
+    (pyepics' caget would subscribe to an array this small and keep the subscription)."""
+    pv = epics.PV(name, form="time", auto_monitor=False)
+    try:
+        assert pv.wait_for_connection(5.0), name
+        got = pv.get_with_metadata(use_monitor=False, form="time", timeout=5.0)
+    finally:
+        pv.disconnect()
+    assert got is not None, name
+    return got["value"], got["timestamp"]
+
+
+def latest_frame_time(ioc) -> float:
+    """When the newest frame was published: AI:COUNTER changes with every frame."""
+    pv = epics.get_pv(ioc.pv("AI:COUNTER"), form="time", connect=True)
+    return pv.get_with_metadata(use_monitor=False, form="time")["timestamp"]
+
+
+def simulated_volts(ioc, rate_hz: float, samples: int) -> np.ndarray:
+    """The first `samples` samples (rows) the simulated site 1 sends, in volts at gain x1."""
+    spec = module_spec("ACQ425ELF")
+    signals = load_config(ioc.config).cards[0].sim.sites[0].signals
+    table = SignalTable([SiteSignals(1, spec, signals, (0,) * 16, False)], rate_hz)
+    return table.site_words(1, 0, samples) * spec.volts_per_code(0)
+
+
+def distance_to_signal(wf: np.ndarray, signal: np.ndarray) -> float:
+    """The largest difference between `wf` and the stretch of `signal` it fits best."""
+    windows = np.lib.stride_tricks.sliding_window_view(signal, len(wf))
+    return float(np.abs(windows - wf).max(axis=1).min())
+
+
+def test_unwatched_volts_and_spectra_are_read_from_the_latest_frame(ioc):
+    # Nobody monitors these PVs, so no frame computes them: a read must.
+    n = 1024  # display_samples
+    period = 5000  # the slowest channel read here: 200 Hz at 1 MHz
+    signal = simulated_volts(ioc, 1e6, period + n)
+    wait_for(lambda: caget(ioc.pv("STREAM:SAMPLES")) > 0, "samples streaming")
+    for ch in (1, 2):  # 5 V at 1 kHz (the config), 1 V at 200 Hz (the simulator's default)
+        published = latest_frame_time(ioc)
+        volts, stamp = unmonitored_read(ioc.pv(f"1:AI:WF:{ch:02d}:V"))
+        assert stamp >= published, "older than the latest frame"
+        assert len(volts) == n and np.abs(volts).max() > 0.5
+        assert distance_to_signal(volts, signal[:, ch - 1]) < 1e-9
+
+    def same_frame() -> tuple[np.ndarray, np.ndarray] | None:
+        published = latest_frame_time(ioc)
+        spec, spec_stamp = unmonitored_read(ioc.pv("1:AI:SPEC:01"))
+        volts, volts_stamp = unmonitored_read(ioc.pv("1:AI:WF:01:V"))
+        assert spec_stamp >= published, "older than the latest frame"
+        return (spec, volts) if spec_stamp == volts_stamp else None
+
+    spec, volts = wait_for(same_frame, "a spectrum and volts of one frame")
+    np.testing.assert_allclose(spec, amplitude_spectrum(volts[None], 1e6)[0][0], atol=1e-9)
+    freq, _ = unmonitored_read(ioc.pv("1:AI:SPEC:FREQ"))
+    peak = int(np.argmax(spec))
+    assert freq[peak] == pytest.approx(1000, abs=freq[1]) and spec[peak] == pytest.approx(
+        5, rel=0.05
+    )
+    # caproto's client (caproto-get) reads the same way.
+    other = ca_read(ioc.pv("1:AI:SPEC:02"), timeout=5)
+    assert len(other.data) == n // 2 + 1 and other.data.max() > 0.1

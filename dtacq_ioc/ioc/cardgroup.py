@@ -200,13 +200,16 @@ def _site_pvs(s: SiteLayout, n: int) -> dict:
             )
         wf = f"{pre}AI:WF:{ch}"
         out[wf] = p.waveform(wf, f"Ch {ch} latest samples, raw", raw_type, n)
+        # Volts and spectra are computed only while watched or when read (pvs._Derived).
         out[wf + ":V"] = p.waveform(
-            wf + ":V", f"Ch {ch} latest samples", ChannelType.DOUBLE, n, units="V", precision=5
-        )
+            wf + ":V", f"Ch {ch} latest samples", ChannelType.DOUBLE, n, units="V",
+            precision=5, derived=True,
+        )  # fmt: skip
         sp = f"{pre}AI:SPEC:{ch}"
         out[sp] = p.waveform(
-            sp, f"Ch {ch} amplitude spectrum", ChannelType.DOUBLE, nspec, units="V", precision=6
-        )
+            sp, f"Ch {ch} amplitude spectrum", ChannelType.DOUBLE, nspec, units="V",
+            precision=6, derived=True,
+        )  # fmt: skip
         mean = f"{pre}AI:CH:{ch}"
         out[mean] = p.number(mean, f"Ch {ch} mean", units="V", precision=5)
         for stat, what in (("MIN", "minimum"), ("MAX", "maximum"), ("RMS", "RMS")):

@@ -4,6 +4,8 @@ Everything here runs on the asyncio loop; blocking card calls go to threads
 (`asyncio.to_thread`) and the readout's callbacks come back through
 `call_soon_threadsafe`. PVs are written only by `CardPVs.publish`, from a
 snapshot taken at the display rate, so a slow card never stalls Channel Access.
+Volts and spectra are computed for the PVs someone watches; the others are brought
+up to the latest snapshot when a client reads them (`pvs._Derived`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,8 @@ from dtacq_ioc.card.models import SPAD_WORDS
 from dtacq_ioc.config import ArchiveConfig, CardConfig, IocConfig
 from dtacq_ioc.ioc import pvs
 from dtacq_ioc.ioc.autosave import Autosave
-from dtacq_ioc.ioc.cardgroup import CLOCKS, NO_YES, SAVED, CardPVs, Update
+from dtacq_ioc.ioc.cardgroup import CLOCKS, NO_YES, SAVED, CardPVs, SiteLayout, Update
+from dtacq_ioc.readout.display import Axes, DisplayStage, Snapshot
 from dtacq_ioc.readout.pipeline import Readout, ReadoutStats
 from dtacq_ioc.readout.run import RunSettings, SettingsError
 from dtacq_ioc.readout.triggers import TriggerRegistry
@@ -37,7 +42,6 @@ BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
 LINK_CHECK_S = 2.0  # how often an idle link is probed with a knob query
 RECENT_RUNS = 20
-SPECTRUM_IDLE_S = 1.0  # spectra of an unwatched card are refreshed this often
 
 _MAJOR = (AlarmStatus.STATE, AlarmSeverity.MAJOR_ALARM)
 _MINOR = (AlarmStatus.STATE, AlarmSeverity.MINOR_ALARM)
@@ -77,6 +81,37 @@ def parse_json_object(name: str, text: str) -> dict[str, Any]:
     return value
 
 
+@dataclass(frozen=True)
+class _DerivedPV:
+    """A waveform computed from a frame only while watched, or when a client reads it."""
+
+    suffix: str
+    channel: int  # among the card's AI channels
+    spectrum: bool  # else the channel's volts
+
+    def value(self, snap: Snapshot) -> np.ndarray:
+        return snap.spectrum(self.channel) if self.spectrum else snap.volts(self.channel)
+
+
+def _derived_pvs(sites: list[SiteLayout]) -> list[_DerivedPV]:
+    out = []
+    for layout in sites:
+        for i, col in enumerate(layout.channels):
+            ch = f"{i + 1:02d}"
+            out.append(_DerivedPV(f"{layout.site}:AI:WF:{ch}:V", col, spectrum=False))
+            out.append(_DerivedPV(f"{layout.site}:AI:SPEC:{ch}", col, spectrum=True))
+    return out
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """The latest published snapshot: derived PVs older than `seq` are refreshed from it."""
+
+    seq: int
+    snap: Snapshot
+    timestamp: float
+
+
 class CardController:
     def __init__(
         self,
@@ -111,10 +146,13 @@ class CardController:
         self._last_frame = -1
         self._run_reported: str | None = None
         self._readbacks: dict[str, Any] = {}
-        self._last_spectrum = 0.0
-        self._spectrum_pvs = [
-            f"{s.site}:AI:SPEC:{i + 1:02d}" for s in self.pvs.sites for i in range(s.spec.nchan)
-        ]
+        self._frame: _Frame | None = None
+        self._published_axes: Axes | None = None  # what the TB and FREQ PVs show
+        self._derived = _derived_pvs(self.pvs.sites)
+        self._holds: dict[str, int] = {}  # derived PV suffix -> seq of the frame it shows
+        self._refreshing = asyncio.Lock()
+        for item in self._derived:
+            self.pvs.pv(item.suffix).refresher = partial(self._refresh, item)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -495,9 +533,12 @@ class CardController:
         values["STREAM:COUNTER_ERRORS"] = stats.counter_errors
         upd.alarms["STREAM:COUNTER_ERRORS"] = _MINOR if stats.counter_errors else _OK
         self._run_values(upd)
+        snap = None
         if connected and self.readout.display is not None:
-            await self._frame_values(upd)
+            snap = await self._frame_values(upd)
         upd.timestamp = time.time()  # when the values are published, after the arithmetic
+        if snap is not None:
+            self._new_frame(snap, upd)
         await self.pvs.publish(upd)
         await self._report_finished_run()
 
@@ -520,43 +561,49 @@ class CardController:
         upd.alarms["RUN:OVERRUNS_RBV"] = _MAJOR if st["overruns"] else _OK
         upd.alarms["RUN:STATE_RBV"] = _MAJOR if st["state"] == "FAULT" else _OK
 
-    async def _frame_values(self, upd: Update) -> None:
+    async def _frame_values(self, upd: Update) -> Snapshot | None:
+        """A new frame's values into `upd`: raw waveforms and statistics always, volts and
+        spectra of watched PVs only (the others are made when read), axes when changed."""
         display = self.readout.display
         assert display is not None
-        # The spectrum is most of a frame's work: at the display rate while a client
-        # watches one, else once a second (a caget is never more than that behind).
-        now = time.monotonic()
-        wanted = now - self._last_spectrum >= SPECTRUM_IDLE_S or any(
-            self.pvs.pv(suffix).watched for suffix in self._spectrum_pvs
-        )
-        snap = await asyncio.to_thread(display.snapshot, wanted)
-        if snap.spectrum_fresh:
-            self._last_spectrum = now
+        wanted = [d for d in self._derived if self.pvs.pv(d.suffix).watched]
+        snap, derived = await asyncio.to_thread(_take_frame, display, wanted, self._last_frame)
         if snap.updates == self._last_frame or snap.samples == 0:
-            return
+            return None
         self._last_frame = snap.updates
         values = upd.values
         values["AI:COUNTER"] = float(snap.counter)
+        if snap.axes is not self._published_axes:  # snapshots share them until n or rate change
+            self._published_axes = snap.axes
+            for layout in self.pvs.sites:
+                values[f"{layout.site}:AI:WF:TB"] = snap.timebase_s
+                if len(snap.freq_hz):
+                    values[f"{layout.site}:AI:SPEC:FREQ"] = snap.freq_hz
         for layout in self.pvs.sites:
-            pre = f"{layout.site}:"
-            values[pre + "AI:WF:TB"] = snap.timebase_s
-            spectra = snap.spectrum_fresh and len(snap.freq_hz) > 0
-            if spectra:
-                values[pre + "AI:SPEC:FREQ"] = snap.freq_hz
-            # Each snapshot's arrays are new, so PVs may keep views of their rows.
-            raw = snap.raw[layout.channels.start : layout.channels.stop]
-            if layout.spec.word_size == 2:
-                raw = raw.astype(np.int16)
-            for i, col in enumerate(layout.channels):
-                ch = f"{i + 1:02d}"
-                values[f"{pre}AI:WF:{ch}"] = raw[i]
-                values[f"{pre}AI:WF:{ch}:V"] = snap.volts[col]
-                if spectra:
-                    values[f"{pre}AI:SPEC:{ch}"] = snap.spectrum[col]
-                values[f"{pre}AI:CH:{ch}"] = float(snap.mean[col])
-                values[f"{pre}AI:CH:{ch}:MIN"] = float(snap.minimum[col])
-                values[f"{pre}AI:CH:{ch}:MAX"] = float(snap.maximum[col])
-                values[f"{pre}AI:CH:{ch}:RMS"] = float(snap.rms[col])
+            _site_values(layout, snap, values)
+        values.update(zip((d.suffix for d in wanted), derived, strict=True))
+        return snap
+
+    def _new_frame(self, snap: Snapshot, upd: Update) -> None:
+        """Remember the frame being published and which derived PVs it brings up to date."""
+        assert upd.timestamp is not None
+        seq = self._frame.seq + 1 if self._frame is not None else 1
+        self._frame = _Frame(seq, snap, upd.timestamp)
+        for item in self._derived:
+            if item.suffix in upd.values:
+                self._holds[item.suffix] = seq
+
+    async def _refresh(self, item: _DerivedPV) -> None:
+        """Bring a derived PV up to the latest frame; awaited before a client reads it."""
+        async with self._refreshing:  # one at a time: a second reader finds the work done
+            frame = self._frame
+            if frame is None or self._holds.get(item.suffix, 0) >= frame.seq:
+                return
+            value = await asyncio.to_thread(item.value, frame.snap)
+            if self._holds.get(item.suffix, 0) >= frame.seq:
+                return  # a newer frame published it meanwhile (it became watched)
+            self._holds[item.suffix] = frame.seq
+            await self.pvs.publish(Update(values={item.suffix: value}, timestamp=frame.timestamp))
 
     async def _report_finished_run(self) -> None:
         run = self.readout.run
@@ -588,6 +635,32 @@ class CardController:
             recent.pop()
             text = json.dumps(recent)
         await self.pvs.publish(Update(values={"RUN:RECENT": text}))
+
+
+def _take_frame(
+    display: DisplayStage, wanted: list[_DerivedPV], last_frame: int
+) -> tuple[Snapshot, list[np.ndarray]]:
+    """On a worker thread: a snapshot and, when it is new, the watched derived values."""
+    snap = display.snapshot()
+    if snap.updates == last_frame or snap.samples == 0:
+        return snap, []
+    return snap, [d.value(snap) for d in wanted]
+
+
+def _site_values(layout: SiteLayout, snap: Snapshot, values: dict[str, Any]) -> None:
+    """A site's raw waveforms and statistics from a snapshot."""
+    pre = f"{layout.site}:"
+    # Each snapshot's arrays are new, so PVs may keep views of their rows.
+    raw = snap.raw[layout.channels.start : layout.channels.stop]
+    if layout.spec.word_size == 2:
+        raw = raw.astype(np.int16, copy=False)  # 16-bit codes of a data32 stream
+    for i, col in enumerate(layout.channels):
+        ch = f"{i + 1:02d}"
+        values[f"{pre}AI:WF:{ch}"] = raw[i]
+        values[f"{pre}AI:CH:{ch}"] = float(snap.mean[col])
+        values[f"{pre}AI:CH:{ch}:MIN"] = float(snap.minimum[col])
+        values[f"{pre}AI:CH:{ch}:MAX"] = float(snap.maximum[col])
+        values[f"{pre}AI:CH:{ch}:RMS"] = float(snap.rms[col])
 
 
 def _iso(epoch: float | None) -> str | None:
