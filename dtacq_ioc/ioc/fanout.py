@@ -10,9 +10,10 @@ client with one `sendmsg` of the client's header and the shared payload.
 Everything else (filters, partial counts, a client that turned events off) takes
 caproto's own path, so behaviour is the same as before, only cheaper.
 
-A slow client never costs memory: while its socket's send buffer is over
+The updates of one event-loop turn reach each client in one `sendmsg`. A slow
+client never costs memory: while what waits in its socket would exceed
 `max_buffer_bytes`, only the newest update of each of its subscriptions is kept
-and sent when the buffer drains; older ones are dropped, like caproto's backlog.
+and sent when the socket drains; older ones are dropped, like caproto's backlog.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import struct
 import time
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 MAX_BUFFER_BYTES = 8 << 20  # per client: about two frames of 16 x 100k int16
 SUBSCRIPTION_ID_OFFSET = 12  # parameter2 in both the short and the extended CA header
 SLOW_LOG_INTERVAL_S = 10.0
+IOV_MAX = 1024  # buffers per sendmsg (Linux)
 
 Buffers = tuple[bytes, memoryview, bytes]  # header + metadata, data, padding
 
@@ -63,60 +66,82 @@ def _byte_view(data: Any) -> memoryview:
     return memoryview(bytes(data))
 
 
+@dataclass(frozen=True)
+class _Entry:
+    spec: Any
+    sub: Any
+    buffers: Buffers
+    nbytes: int
+
+
 class Fanout:
-    """Sends addressed messages to circuits; one per IOC, shared by all its array PVs."""
+    """Sends addressed messages to circuits; one per IOC, shared by all its array PVs.
+
+    The updates of one event-loop turn (a frame: every waveform of every card) go to
+    each client in one `sendmsg`, so a client is woken once a frame, not once a PV.
+    """
 
     def __init__(self, max_buffer_bytes: int = MAX_BUFFER_BYTES):
         self.max_buffer_bytes = max_buffer_bytes
         self.sent = 0
         self.dropped = 0  # updates replaced by a newer one before a slow client took them
-        # circuit -> subscription id -> (spec, subscription, buffers) waiting for a drain
-        self._pending: dict[Any, dict[int, tuple[Any, Any, Buffers]]] = {}
-        self._flushers: set[asyncio.Task] = set()
+        # circuit -> subscription id -> newest update: this turn's, and a slow client's
+        self._batches: dict[Any, dict[int, _Entry]] = {}
+        self._slow: dict[Any, dict[int, _Entry]] = {}
+        self._flush: asyncio.Handle | None = None
+        self._drains: set[asyncio.Task] = set()
         self._slow_logged: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
     def send(self, spec: Any, sub: Any, message: Message) -> None:
         circuit = sub.circuit
-        writer = circuit.client.writer
-        transport = writer.transport
-        if not circuit.connected or transport.is_closing():
+        if not _open(circuit):
             return
-        buffers = message.addressed(sub.subscriptionid)
-        waiting = self._pending.get(circuit)
-        if waiting is not None:
-            self.dropped += sub.subscriptionid in waiting
-            waiting[sub.subscriptionid] = (spec, sub, buffers)
-            return
-        queued = transport.get_write_buffer_size()
-        if queued == 0:
-            _write(transport, buffers, _sendmsg(transport, buffers))
-        elif queued + message.nbytes <= self.max_buffer_bytes:
-            _write(transport, buffers, 0)
-        else:
-            self._pending[circuit] = {sub.subscriptionid: (spec, sub, buffers)}
-            self._log_slow(circuit)
-            task = asyncio.get_running_loop().create_task(self._flush(circuit, writer))
-            self._flushers.add(task)
-            task.add_done_callback(self._flushers.discard)
-            return
-        self.sent += 1
+        waiting = self._slow.get(circuit)
+        if waiting is None:
+            waiting = self._batches.get(circuit)
+            if waiting is None:
+                waiting = self._batches[circuit] = {}
+                if self._flush is None:
+                    self._flush = asyncio.get_running_loop().call_soon(self._send_batches)
+        sid = sub.subscriptionid
+        self.dropped += sid in waiting
+        waiting[sid] = _Entry(spec, sub, message.addressed(sid), message.nbytes)
 
-    async def _flush(self, circuit: Any, writer: asyncio.StreamWriter) -> None:
-        """Wait for the client to take what is queued, then send the newest updates."""
+    def _send_batches(self) -> None:
+        self._flush = None
+        batches, self._batches = self._batches, {}
+        for circuit, waiting in batches.items():
+            if not _open(circuit):
+                continue
+            writer = circuit.client.writer
+            queued = writer.transport.get_write_buffer_size()
+            size = sum(e.nbytes for e in waiting.values())
+            if queued and queued + size > self.max_buffer_bytes:
+                self._slow[circuit] = waiting
+                self._log_slow(circuit)
+                task = asyncio.get_running_loop().create_task(self._drain(circuit, writer))
+                self._drains.add(task)
+                task.add_done_callback(self._drains.discard)
+            else:
+                self._write(circuit, waiting, direct=not queued)
+
+    def _write(self, circuit: Any, waiting: dict[int, _Entry], direct: bool) -> None:
+        # A subscription cancelled meanwhile must get nothing more.
+        live = [e for e in waiting.values() if e.sub in circuit.subscriptions.get(e.spec, ())]
+        buffers = [b for e in live for b in e.buffers]
+        transport = circuit.client.writer.transport
+        _queue(transport, buffers, _sendmsg(transport, buffers) if direct else 0)
+        self.sent += len(live)
+
+    async def _drain(self, circuit: Any, writer: asyncio.StreamWriter) -> None:
+        """Wait for a slow client to take what is queued, then send its newest updates."""
         try:
-            while circuit in self._pending:
-                await writer.drain()
-                waiting = self._pending.pop(circuit)
-                transport = writer.transport
-                if transport.is_closing():
-                    return
-                for spec, sub, buffers in waiting.values():
-                    # A subscription cancelled meanwhile must get nothing more.
-                    if sub in circuit.subscriptions.get(spec, ()):
-                        _write(transport, buffers, 0)
-                        self.sent += 1
+            await writer.drain()
+            waiting = self._slow.pop(circuit)
+            if _open(circuit):
+                self._write(circuit, waiting, direct=False)
         except (ConnectionError, OSError):
-            self._pending.pop(circuit, None)
+            self._slow.pop(circuit, None)
 
     def _log_slow(self, circuit: Any) -> None:
         now = time.monotonic()
@@ -130,10 +155,17 @@ class Fanout:
             )
 
     async def close(self) -> None:
-        for task in list(self._flushers):
+        if self._flush is not None:
+            self._flush.cancel()
+        for task in list(self._drains):
             task.cancel()
-        await asyncio.gather(*self._flushers, return_exceptions=True)
-        self._pending.clear()
+        await asyncio.gather(*self._drains, return_exceptions=True)
+        self._batches.clear()
+        self._slow.clear()
+
+
+def _open(circuit: Any) -> bool:
+    return circuit.connected and not circuit.client.writer.transport.is_closing()
 
 
 def _sendmsg(transport: asyncio.Transport, buffers: Sequence[Any]) -> int:
@@ -144,20 +176,31 @@ def _sendmsg(transport: asyncio.Transport, buffers: Sequence[Any]) -> int:
     """
     fd = transport.get_extra_info("socket").fileno()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd)
+    sent = 0
     try:
-        return sock.sendmsg(buffers)
+        for i in range(0, len(buffers), IOV_MAX):
+            chunk = buffers[i : i + IOV_MAX]
+            n = sock.sendmsg(chunk)
+            sent += n
+            if n < sum(_size(b) for b in chunk):
+                break
     except (BlockingIOError, InterruptedError):
-        return 0
+        pass
     except OSError:
-        return 0  # the transport sees the error on its next write and closes
+        pass  # the transport sees the error on its next write and closes
     finally:
         sock.detach()
+    return sent
 
 
-def _write(transport: asyncio.Transport, buffers: Sequence[Any], skip: int) -> None:
+def _size(buf: Any) -> int:
+    return len(buf) if isinstance(buf, bytes) else buf.nbytes
+
+
+def _queue(transport: asyncio.Transport, buffers: Sequence[Any], skip: int) -> None:
     """Queue the buffers on the transport, less the first `skip` bytes already sent."""
     for buf in buffers:
-        size = len(buf) if isinstance(buf, bytes) else buf.nbytes
+        size = _size(buf)
         if skip >= size:
             skip -= size
             continue
