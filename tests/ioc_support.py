@@ -68,6 +68,7 @@ def ioc_toml(
     card_extra: str = "",
     archive_extra: str = "",
     faults: str = "",
+    display_samples: int = 1024,
 ) -> Path:
     """A config with one simulated card at `host`, data and autosave under tmp_path."""
     card = sim_card_toml(
@@ -80,7 +81,7 @@ def ioc_toml(
 [ioc]
 name = "test"
 autosave_dir = "autosave"
-display_samples = 1024
+display_samples = {display_samples}
 {ioc_extra}
 
 [archive]

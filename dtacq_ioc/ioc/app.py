@@ -22,6 +22,7 @@ from dtacq_ioc.config import Config
 from dtacq_ioc.ioc import pvs
 from dtacq_ioc.ioc.autosave import Autosave
 from dtacq_ioc.ioc.controller import CardController
+from dtacq_ioc.ioc.fanout import Fanout
 from dtacq_ioc.ioc.notify import Notifier
 from dtacq_ioc.ioc.status import IocStatus
 from dtacq_ioc.readout.triggers import TriggerRegistry
@@ -82,8 +83,11 @@ async def serve(config: Config, list_pvs: bool = False, with_sim: bool = True) -
         CardController(card, config.ioc, config.archive, catalog, autosave, triggers, access)
         for card in config.cards
     ]
+    fanout = Fanout()
+    for c in controllers:
+        c.pvs.group.fanout = fanout
     notifier = Notifier()
-    status = IocStatus(config, controllers, catalog, notifier)
+    status = IocStatus(config, controllers, catalog, notifier, fanout)
     pvdb: dict = dict(status.pvdb)
     for c in controllers:
         pvdb.update(c.pvs.pvdb)
@@ -128,6 +132,7 @@ async def serve(config: Config, list_pvs: bool = False, with_sim: bool = True) -
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await fanout.close()
     autosave.flush()
     await asyncio.to_thread(catalog.close)
     if sim is not None:

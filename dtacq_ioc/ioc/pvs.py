@@ -18,7 +18,10 @@ from caproto import AccessRights, ChannelType
 from caproto.server import PVGroup, pvproperty
 from caproto.server.server import PvpropertyChar, pvspec_type_map, pvspec_type_map_read_only
 
+from dtacq_ioc.ioc.fanout import Fanout, FanoutArray
+
 LINK = "link"  # alarm group shared by PVs whose value depends on the card link
+BIG_ARRAY = 1000  # elements: longer arrays keep a short backlog and go through the Fanout
 WAVEFORM_BACKLOG = 3  # past updates kept per client for big arrays (caproto default: 1000)
 LONG_STRING = 4096  # bytes of a CHAR-array "long string" PV
 
@@ -122,11 +125,13 @@ class _Derived:
 
 
 @cache
-def _array_class(dtype: ChannelType, derived: bool) -> type:
-    """The read-only class of a waveform PV: watched, and derived when asked."""
+def _array_class(dtype: ChannelType, derived: bool, big: bool) -> type:
+    """The read-only class of a waveform PV: watched, derived when asked, and sent to
+    its monitors by the group's Fanout when big."""
     base = pvspec_type_map_read_only[dtype]
-    mixins: tuple[type, ...] = (_Derived, _Watched) if derived else (_Watched,)
-    return type(f"Array{'Derived' if derived else ''}{base.__name__}", (*mixins, base), {})
+    mixins = (_Derived,) * derived + (_Watched,) + (FanoutArray,) * big
+    name = f"Array{'Derived' * derived}{'Big' * big}{base.__name__}"
+    return type(name, (*mixins, base), {})
 
 
 def _checked(cls: type) -> type:
@@ -142,6 +147,7 @@ class CheckedGroup(PVGroup):
     """A PVGroup whose writable PVs obey `access_rules` (set on the instance)."""
 
     access_rules: AccessRules | None = None
+    fanout: Fanout | None = None  # sends big arrays to plain monitors (set by the IOC)
     type_map = {dtype: _checked(cls) for dtype, cls in pvspec_type_map.items()}
     type_map_read_only = {
         dtype: type(f"Watched{cls.__name__}", (_Watched, cls), {})
@@ -181,7 +187,7 @@ def make_pv(
         kwargs["lower_disp_limit"], kwargs["upper_disp_limit"] = limits
     if enum_strings is not None:
         kwargs["enum_strings"] = list(enum_strings)
-    if max_length is not None and max_length > 1000:
+    if max_length is not None and max_length > BIG_ARRAY:
         kwargs["max_subscription_backlog"] = WAVEFORM_BACKLOG
     prop = pvproperty(
         name=name,
@@ -347,7 +353,7 @@ def waveform(
         name,
         np.zeros(length, dtype=np_type),
         doc,
-        dtype=_array_class(dtype, derived),
+        dtype=_array_class(dtype, derived, length > BIG_ARRAY),
         units=units,
         precision=precision,
         record="waveform",

@@ -1,7 +1,9 @@
 """The IOC's own health: a status PV group, and `dtacq-ioc status` that reads it over CA.
 
 PVs under the config's `ioc.prefix` (default `DTACQ:<name>:`), updated at 1 Hz:
-UPTIME, VERSION, CARDS, CARDS_CONNECTED, RUNS_SPOOLED, LAST_ERROR, HEARTBEAT.
+UPTIME, VERSION, CARDS, CARDS_CONNECTED, RUNS_SPOOLED, LAST_ERROR, HEARTBEAT, and
+CA:ARRAY_UPDATES / CA:ARRAY_DROPS (big-array monitor updates sent, and dropped
+because a client was too slow to take them).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dtacq_ioc.ioc import pvs
 
 if TYPE_CHECKING:
     from dtacq_ioc.ioc.controller import CardController
+    from dtacq_ioc.ioc.fanout import Fanout
     from dtacq_ioc.ioc.notify import Notifier
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ CARD_COLUMNS = (
     ("counter errors", "STREAM:COUNTER_ERRORS"),
 )
 IOC_FIELDS = ("UPTIME", "VERSION", "CARDS", "CARDS_CONNECTED", "RUNS_SPOOLED", "HEARTBEAT",
+              "CA:ARRAY_UPDATES", "CA:ARRAY_DROPS",
               "LAST_ERROR")  # fmt: skip
 
 _OK = (AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)
@@ -56,6 +60,10 @@ class StatusGroup(PVGroup):
                                alarm_group=None)  # fmt: skip
     last_error = pvs.long_string("LAST_ERROR", "Latest error of IOC or a card", alarm_group=None)
     heartbeat = pvs.integer("HEARTBEAT", "IOC heartbeat, +1 per second", alarm_group=None)
+    array_updates = pvs.number("CA:ARRAY_UPDATES", "Big-array monitor updates sent",
+                               precision=0, alarm_group=None)  # fmt: skip
+    array_drops = pvs.number("CA:ARRAY_DROPS", "Array updates dropped, client slow",
+                             precision=0, alarm_group=None)  # fmt: skip
 
 
 class _LatestError(logging.Handler):
@@ -79,8 +87,10 @@ class IocStatus:
         controllers: Sequence[CardController],
         catalog: Any,
         notifier: Notifier | None = None,
+        fanout: Fanout | None = None,
     ):
         self.config = config
+        self.fanout = fanout
         self.controllers = list(controllers)
         self.catalog = catalog
         self.notifier = notifier
@@ -141,6 +151,9 @@ class IocStatus:
             "RUNS_SPOOLED": spooled,
             "LAST_ERROR": self._newest_error()[-(pvs.LONG_STRING - 1) :],
         }
+        if self.fanout is not None:
+            values["CA:ARRAY_UPDATES"] = float(self.fanout.sent)
+            values["CA:ARRAY_DROPS"] = float(self.fanout.dropped)
         for suffix, value in values.items():
             pv = self.pv(suffix)
             if suffix in ("UPTIME", "HEARTBEAT") or pv.value != value:

@@ -1,0 +1,154 @@
+"""Big arrays to monitors: the Fanout's messages, and real clients of a real IOC.
+
+The Fanout sends a plain subscription's updates itself (one message built per
+update); filtered or partial subscriptions keep caproto's path. Both must look the
+same on the wire, and a slow client must cost neither memory nor other clients'
+updates.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import epics
+import numpy as np
+import pytest
+from caproto import ChannelType, EventAddResponse
+from caproto._dbr import DBR_TIME_DOUBLE
+from ioc_support import caget, ioc_process, ioc_toml, new_prefix, wait_for
+
+from dtacq_ioc.ioc.fanout import Message
+
+STATUS = "DTACQ:test:"  # the status group of an IOC named "test"
+SINE = 'signals = [{kind = "sine", amplitude_v = 5.0, freq_hz = 1000.0}]'
+
+
+def wire(message_or_command) -> bytes:
+    if isinstance(message_or_command, Message):
+        return b"".join(bytes(b) for b in message_or_command.addressed(0x01020304))
+    cmd = message_or_command
+    return bytes(cmd.header) + b"".join(
+        b.tobytes() if isinstance(b, np.ndarray) else bytes(b) for b in cmd.buffers
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "data_type", "metadata"),
+    [
+        (np.arange(100_000, dtype=">i2"), ChannelType.INT, None),  # extended header
+        (np.arange(7, dtype=">i2"), ChannelType.INT, None),  # padded to 8 bytes
+        (np.linspace(-1, 1, 3001).astype(">f8"), ChannelType.TIME_DOUBLE, DBR_TIME_DOUBLE()),
+    ],
+)
+def test_a_message_is_byte_for_byte_what_caproto_sends(values, data_type, metadata):
+    message = Message(values, metadata, data_type, len(values))
+    expected = EventAddResponse(values, data_type, len(values), 1, 0x01020304, metadata=metadata)
+    assert wire(message) == wire(expected)
+    assert message.nbytes == len(wire(expected))
+
+
+@pytest.fixture
+def big_ioc(tmp_path, loopback):
+    """100 000-sample waveforms at 1 MHz: 3.2 MB a frame, enough to fill a stalled
+    client's socket within seconds."""
+    prefix = new_prefix()
+    config = ioc_toml(tmp_path, loopback, prefix, site_extra=SINE, display_samples=100_000)
+    with ioc_process(config, prefix, loopback) as running_ioc:
+        yield running_ioc
+
+
+def test_plain_filtered_and_partial_monitors_all_get_the_current_sine(big_ioc):
+    whole = epics.PV(big_ioc.pv("1:AI:WF:01:V"), auto_monitor=True, form="time")
+    raw = epics.PV(big_ioc.pv("1:AI:WF:01"), auto_monitor=True, form="ctrl")
+    head = epics.PV(big_ioc.pv("1:AI:WF:01.[0:9]"), auto_monitor=True)  # array filter
+    first = epics.PV(big_ioc.pv("1:AI:WF:01"), auto_monitor=True, count=10)  # partial count
+    counts = {pv.pvname: 0 for pv in (whole, raw, head)} | {"count": 0}
+    whole.add_callback(lambda pvname=None, **kw: counts.__setitem__(pvname, counts[pvname] + 1))
+    raw.add_callback(lambda pvname=None, **kw: counts.__setitem__(pvname, counts[pvname] + 1))
+    head.add_callback(lambda pvname=None, **kw: counts.__setitem__(pvname, counts[pvname] + 1))
+    first.add_callback(lambda **kw: counts.__setitem__("count", counts["count"] + 1))
+    try:
+        wait_for(lambda: min(counts.values()) >= 5, "5 updates on every monitor")
+        volts = whole.get(use_monitor=True)
+        assert len(volts) == 100_000
+        assert volts.max() == pytest.approx(5.0, abs=0.05)
+        assert volts.min() == pytest.approx(-5.0, abs=0.05)
+        np.testing.assert_allclose(volts[1000:2000], volts[:1000], atol=0.01)  # 1 kHz at 1 MHz
+        codes = raw.get(use_monitor=True)
+        assert len(codes) == 100_000 and codes.dtype.kind == "i"
+        assert int(codes.max()) == pytest.approx(16384, abs=100)  # 5 V on the ±10 V range
+        assert len(head.get(use_monitor=True)) == 10
+        assert len(first.get(use_monitor=True)) == 10
+        assert caget(STATUS + "CA:ARRAY_UPDATES") > 0  # the plain ones went through the Fanout
+    finally:
+        for pv in (whole, raw, head, first):
+            pv.clear_callbacks()
+            pv.disconnect()
+
+
+CLIENT = textwrap.dedent(
+    """
+    import sys, epics
+    names = [f"{sys.argv[1]}1:AI:WF:{i:02d}" for i in range(1, 17)]
+    def seen(pvname=None, **kw):
+        if pvname == names[0]:
+            print("update", flush=True)
+    pvs = [epics.PV(n, auto_monitor=True, callback=seen) for n in names]
+    sys.stdin.read()  # until the test closes stdin
+    """
+)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def test_a_stalled_client_costs_neither_memory_nor_other_clients_updates(big_ioc):
+    client = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, big_ioc.prefix],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=dict(os.environ),
+    )  # fmt: skip
+    updates = threading.Semaphore(0)
+
+    def read_client() -> None:
+        for line in client.stdout:
+            if line.startswith("update"):
+                updates.release()
+
+    threading.Thread(target=read_client, daemon=True).start()
+    mine: list[float] = []
+    pv = epics.PV(big_ioc.pv("1:AI:WF:02"), auto_monitor=True)
+    pv.add_callback(lambda **kw: mine.append(time.monotonic()))
+    try:
+        assert updates.acquire(timeout=30), "the client never got an update"
+        client.send_signal(signal.SIGSTOP)  # it stops reading; its socket fills up
+        wait_for(lambda: caget(STATUS + "CA:ARRAY_DROPS") > 0, "updates dropped for the client")
+        rss_at_drop = rss_mb(big_ioc.proc.pid)
+        dropped = caget(STATUS + "CA:ARRAY_DROPS")
+        wait_for(lambda: caget(STATUS + "CA:ARRAY_DROPS") >= dropped + 16 * 20,
+                 "20 more frames dropped")  # fmt: skip
+        # 20 frames of 3.2 MB would be 64 MB had they been queued for the client.
+        assert rss_mb(big_ioc.proc.pid) - rss_at_drop < 30
+        recent = [t for t in mine if t > time.monotonic() - 2.0]
+        assert len(recent) >= 10, f"the other client got {len(recent)} updates in 2 s"
+        while updates.acquire(timeout=0):  # what it had read before it stopped
+            pass
+        client.send_signal(signal.SIGCONT)
+        assert updates.acquire(timeout=30), "the client got nothing after it resumed"
+    finally:
+        pv.clear_callbacks()
+        pv.disconnect()
+        client.send_signal(signal.SIGCONT)
+        client.stdin.close()
+        client.terminate()
+        client.wait(timeout=10)
