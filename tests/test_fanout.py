@@ -86,7 +86,8 @@ def test_plain_filtered_and_partial_monitors_all_get_the_current_sine(big_ioc):
         assert int(codes.max()) == pytest.approx(16384, abs=100)  # 5 V on the ±10 V range
         assert len(head.get(use_monitor=True)) == 10
         assert len(first.get(use_monitor=True)) == 10
-        assert caget(STATUS + "CA:ARRAY_UPDATES") > 0  # the plain ones went through the Fanout
+        # The plain ones went through the Fanout (its counter is published once a second).
+        wait_for(lambda: caget(STATUS + "CA:ARRAY_UPDATES") > 0, "updates counted by the Fanout")
     finally:
         for pv in (whole, raw, head, first):
             pv.clear_callbacks()
