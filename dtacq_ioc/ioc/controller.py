@@ -143,7 +143,9 @@ class CardController:
         self._stopping = asyncio.Event()
         self._busy = asyncio.Lock()  # one card operation at a time (settings, runs, actions)
         self._started = time.monotonic()
-        self._last_frame = -1
+        # (display stage, its buffer count) of the last frame published: a new stage after a
+        # reconnect counts from 0 again, so the count alone could match by chance.
+        self._last_frame: tuple[DisplayStage | None, int] = (None, -1)
         self._run_reported: str | None = None
         self._readbacks: dict[str, Any] = {}
         self._frame: _Frame | None = None
@@ -568,9 +570,9 @@ class CardController:
         assert display is not None
         wanted = [d for d in self._derived if self.pvs.pv(d.suffix).watched]
         snap, derived = await asyncio.to_thread(_take_frame, display, wanted, self._last_frame)
-        if snap.updates == self._last_frame or snap.samples == 0:
+        if (display, snap.updates) == self._last_frame or snap.samples == 0:
             return None
-        self._last_frame = snap.updates
+        self._last_frame = (display, snap.updates)
         values = upd.values
         values["AI:COUNTER"] = float(snap.counter)
         if snap.axes is not self._published_axes:  # snapshots share them until n or rate change
@@ -638,11 +640,11 @@ class CardController:
 
 
 def _take_frame(
-    display: DisplayStage, wanted: list[_DerivedPV], last_frame: int
+    display: DisplayStage, wanted: list[_DerivedPV], last_frame: tuple[DisplayStage | None, int]
 ) -> tuple[Snapshot, list[np.ndarray]]:
     """On a worker thread: a snapshot and, when it is new, the watched derived values."""
     snap = display.snapshot()
-    if snap.updates == last_frame or snap.samples == 0:
+    if (display, snap.updates) == last_frame or snap.samples == 0:
         return snap, []
     return snap, [d.value(snap) for d in wanted]
 
