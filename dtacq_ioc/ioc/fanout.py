@@ -48,7 +48,6 @@ class Message:
         # caproto's own constructor: the same wire format as its normal path.
         cmd = EventAddResponse(values, data_type, count, 1, 0, metadata=metadata)
         metadata_part, data, *pad = cmd.buffers
-        self.count = count
         self._head = bytes(cmd.header) + bytes(metadata_part)
         self._data = _byte_view(data)
         self._pad = bytes(pad[0]) if pad else b""
@@ -231,13 +230,7 @@ class FanoutArray:
             return await super().subscribe(queue, sub_spec, sub)  # type: ignore[misc]
         self._queues[queue][None][sub_spec.data_type_name].add(sub_spec)
         # The first update goes the same way as the later ones, so it cannot overtake them.
-        metadata, values = await self._read(sub.data_type)  # type: ignore[attr-defined]
-        if not _whole(sub, values):
-            await sub.circuit.context._subscription_queue_send(
-                sub_spec, sub, metadata=metadata, values=values, flags=0
-            )
-            return
-        fanout.send(sub_spec, sub, Message(values, metadata, sub.data_type, len(values)))
+        await self._send_one(fanout, sub.circuit.context, sub_spec, sub, 0, {})
 
     async def publish(self, flags):
         fanout = self._fanout()
@@ -252,12 +245,16 @@ class FanoutArray:
         messages: dict[str, tuple[Any, Any, Message | None]] = {}
         for queue, syncs in self._queues.items():
             context = contexts[queue]
-            for type_name, specs in syncs.get(None, {}).items():
+            for specs in syncs.get(None, {}).values():
                 for spec in tuple(specs):
                     for sub in tuple(context.subscriptions.get(spec, ())):
-                        await self._send_one(fanout, context, spec, sub, type_name, flags, messages)
+                        await self._send_one(fanout, context, spec, sub, flags, messages)
 
-    async def _send_one(self, fanout, context, spec, sub, type_name, flags, messages) -> None:
+    async def _send_one(self, fanout, context, spec, sub, flags, messages) -> None:
+        """One subscription's update: by the Fanout when it can, else caproto's path.
+
+        `messages` caches this update's reading and message per data type."""
+        type_name = spec.data_type_name
         if type_name not in messages:
             metadata, values = await self._read(sub.data_type)  # type: ignore[attr-defined]
             messages[type_name] = (metadata, values, None)
