@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from support import random_loopback, stop_process  # noqa: E402
 
 from dtacq_ioc.card.card import Card  # noqa: E402
-from dtacq_ioc.card.stream import StreamClient, StreamLayout  # noqa: E402
+from dtacq_ioc.card.stream import StreamClient  # noqa: E402
 from dtacq_ioc.config import load_config  # noqa: E402
+from dtacq_ioc.contract import StreamLayout  # noqa: E402
 
 CONFIG = """
 [ioc]

@@ -105,9 +105,9 @@ def _dispatch(args: argparse.Namespace, config: Config) -> int:
 
         return run_simulator(config, cards=args.card, unthrottled=args.unthrottled)
     if args.command == "run":
-        from dtacq_ioc.ioc.app import run_ioc
+        from dtacq_ioc.service import run_service
 
-        return run_ioc(config, list_pvs=args.list_pvs, with_sim=not args.no_sim)
+        return run_service(config, list_pvs=args.list_pvs, with_sim=not args.no_sim)
     if args.command == "bridge":
         from dtacq_ioc.bridge.app import run_bridge
 

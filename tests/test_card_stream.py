@@ -12,7 +12,8 @@ from card_helpers import Collector, card_config, connected, gaps, simulated
 from support import sim_process
 
 from dtacq_ioc.card.errors import CardNotReady, StreamError
-from dtacq_ioc.card.stream import StreamClient, StreamLayout
+from dtacq_ioc.card.stream import StreamClient
+from dtacq_ioc.contract import StreamLayout
 
 RATE_CLKDIV = 1000  # ACQ425ELF at 100 MHz: 100 kHz, 4 MB/s
 

@@ -17,8 +17,8 @@ from dtacq_ioc.archive.catalog import open_catalog
 from dtacq_ioc.archive.dig import read_dig, read_run
 from dtacq_ioc.archive.records import sha256_of
 from dtacq_ioc.card.models import MODULES
-from dtacq_ioc.card.stream import StreamLayout
 from dtacq_ioc.config import ArchiveConfig
+from dtacq_ioc.contract import StreamLayout
 from dtacq_ioc.readout.integrity import CounterCheck
 from dtacq_ioc.readout.run import Run, RunSettings, RunState, SettingsError, StreamInfo
 from dtacq_ioc.readout.transform import ChannelMap, SiteChannels
@@ -74,7 +74,9 @@ def catalog(tmp_path):
 
 def make_run(tmp_path, catalog, settings=None, stream=None, **kw) -> Run:
     settings = settings or RunSettings()
-    return Run(settings, stream or info(), tmp_path / "data", catalog, TriggerRegistry(None), **kw)
+    settings.check()  # as Readout.start_run does before it builds the run
+    trigger = TriggerRegistry(None).create(settings.trigger, dict(settings.trigger_args))
+    return Run(settings, stream or info(), tmp_path / "data", catalog, trigger, **kw)
 
 
 def finish(run: Run) -> None:
@@ -247,7 +249,7 @@ def test_a_failing_trigger_faults_the_run(tmp_path, catalog):
         info(),
         tmp_path / "data",
         catalog,
-        TriggerRegistry(tmp_path / "trig"),
+        TriggerRegistry(tmp_path / "trig").create("Boom"),
     )
     Feeder().feed(run)
     assert run.wait(30)

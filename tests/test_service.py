@@ -32,7 +32,7 @@ from dtacq_ioc import __version__
 from dtacq_ioc.archive.records import RunRecord
 from dtacq_ioc.archive.spool import Spool
 from dtacq_ioc.config import load_config
-from dtacq_ioc.ioc.notify import Notifier, socket_address, watchdog_interval
+from dtacq_ioc.notify import Notifier, socket_address, watchdog_interval
 
 UNIT = ROOT / "ioc_configs" / "systemd" / "dtacq-ioc@.service"
 VENV_BIN = Path(sys.executable).parent / "dtacq-ioc"

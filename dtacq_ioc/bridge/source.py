@@ -31,14 +31,9 @@ from dtacq_ioc.bridge.encode import (
     severity_name,
     stamp_fields,
 )
+from dtacq_ioc.contract import TEXT_SUFFIXES  # the IOC's long strings; others by content
 
 log = logging.getLogger(__name__)
-
-# The IOC's long strings (CHAR arrays) end so; other CHAR arrays are text when they read as text.
-TEXT_SUFFIXES = (
-    "LAST_ERROR", "RUN:NAME", "RUN:LOG", "RUN:TRIGGER_ARGS", "RUN:CHANNELS", "RUN:LOGITEMS",
-    "RUN:LAST_RESULT", "RUN:RECENT", "TRIGGERS", "RUN:FILE_RBV", "SITES",
-)  # fmt: skip
 
 
 DESC_TIMEOUT_S = 2.0  # how long to look for a record's DESC field

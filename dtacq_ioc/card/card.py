@@ -18,8 +18,9 @@ from dtacq_ioc.card.errors import CardError, KnobError, SettingRefused
 from dtacq_ioc.card.knobs import KnobClient
 from dtacq_ioc.card.models import SPAD_SETTING, ModuleSpec
 from dtacq_ioc.card.ssh import SshClient
-from dtacq_ioc.card.stream import OnBuffer, OnEnd, StreamClient, StreamLayout
+from dtacq_ioc.card.stream import OnBuffer, OnEnd, StreamClient
 from dtacq_ioc.config import CardConfig
+from dtacq_ioc.contract import StreamLayout
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SPAD_WORDS = 2  # "spad 1,2,0": the sample counter, then spad1
 SPAD_SETTING = "1,2,0"
 
 
@@ -162,8 +161,3 @@ def module_for_site(model: str, fpga_version: str) -> ModuleSpec:
 def sample_rate_hz(clock_hz: float, clkdiv: int, divider: int) -> float:
     """The old system's rate: (external clock or sysclkhz) / (clkdiv * divider)."""
     return clock_hz / (clkdiv * divider)
-
-
-def sample_bytes(words: list[tuple[int, int]], spad_words: int = SPAD_WORDS) -> int:
-    """Bytes per sample for (nchan, word_size) per site plus 32-bit spad words (ssb)."""
-    return sum(n * w for n, w in words) + 4 * spad_words

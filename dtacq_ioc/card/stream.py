@@ -16,62 +16,16 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
 from dtacq_ioc.card.errors import CardError, CardNotReady, StreamError
-from dtacq_ioc.card.models import SPAD_WORDS
+from dtacq_ioc.contract import StreamLayout
 
 log = logging.getLogger(__name__)
 
 NOT_READY = b"NOT READY"
 _POOL_SIZE = 3  # one being filled, one being delivered, one spare for the carry copy
-_SPAD_BYTES = 4
-
-
-@dataclass(frozen=True)
-class StreamLayout:
-    """What one sample of the aggregated stream holds, in order."""
-
-    sites: tuple[int, ...]
-    nchan: tuple[int, ...]  # AI channel words per site, in the order of ``sites``
-    word_size: int  # bytes per AI word: 2 (data32=0) or 4 (data32=1)
-    spad_words: int = SPAD_WORDS  # 32-bit spad words after the AI words
-
-    def __post_init__(self) -> None:
-        if self.word_size not in (2, 4):
-            raise ValueError(f"word_size {self.word_size} must be 2 or 4")
-        if len(self.sites) != len(self.nchan) or not self.sites:
-            raise ValueError(f"sites {self.sites} and nchan {self.nchan} must pair up")
-        if any(n <= 0 for n in self.nchan) or self.spad_words < 0:
-            raise ValueError(f"bad channel counts {self.nchan} or spad words {self.spad_words}")
-
-    @property
-    def ai_channels(self) -> int:
-        return sum(self.nchan)
-
-    @property
-    def sample_bytes(self) -> int:
-        """The card's ssb: AI words plus 32-bit spad words."""
-        return self.ai_channels * self.word_size + _SPAD_BYTES * self.spad_words
-
-    @property
-    def card_nchan(self) -> int:
-        """The site-0 NCHAN the card reports for this layout (spad counted in data words)."""
-        return self.ai_channels + self.spad_words * (_SPAD_BYTES // self.word_size)
-
-    @cached_property
-    def sample_dtype(self) -> np.dtype:
-        ai = "<i2" if self.word_size == 2 else "<i4"
-        return np.dtype([("ai", ai, (self.ai_channels,)), ("spad", "<u4", (self.spad_words,))])
-
-    def site_slice(self, site: int) -> slice:
-        """The columns of ``samples["ai"]`` that belong to ``site``."""
-        i = self.sites.index(site)
-        start = sum(self.nchan[:i])
-        return slice(start, start + self.nchan[i])
 
 
 OnBuffer = Callable[[np.ndarray], None]

@@ -11,27 +11,51 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import Any, Protocol
 
 import numpy as np
 from caproto import AlarmSeverity, AlarmStatus, ChannelType
 
 from dtacq_ioc.card.models import ModuleSpec, module_spec
 from dtacq_ioc.config import CardConfig, IocConfig
+from dtacq_ioc.contract import CARD_STATES, CLOCKS, NO_YES, RUN_STATES, StreamLayout
 from dtacq_ioc.ioc import pvs
-from dtacq_ioc.ioc.pvs import LINK, CheckedGroup
+from dtacq_ioc.ioc.pvs import LINK, CheckedGroup, Handler
 
-if TYPE_CHECKING:
-    from dtacq_ioc.ioc.controller import CardController
+MIN_BUFFER_BYTES = 64 << 10  # below this the per-buffer cost outruns a fast stream
 
-CARD_STATES = ("DISCONNECTED", "CONNECTING", "IDLE", "RUNNING", "FAULT")
-RUN_STATES = ("IDLE", "STARTING", "RUNNING", "STOPPING", "FAULT")
-NO_YES = ("No", "Yes")
-CLOCKS = ("Internal", "External")
-# Settings kept by autosave: PV suffix -> kind of value.
-SAVED = ("CLKDIV", "EXT_CLOCK", "EXT_CLOCK_FREQ", "BUFFER_SIZE", "RUN:NAME", "RUN:LOG",
-         "RUN:SAVE", "RUN:UPLOAD", "RUN:DOWNSAMPLE", "RUN:TRIGGER", "RUN:TRIGGER_ARGS",
-         "RUN:CHANNELS", "RUN:LOGITEMS")  # fmt: skip
+
+class SettingHandlers(Protocol):
+    """What card setting PVs call on a put (ioc/settings.py)."""
+
+    async def put_clkdiv(self, value: Any) -> Any: ...
+    async def put_ext_clock(self, value: Any) -> Any: ...
+    async def put_ext_clock_freq(self, value: Any) -> Any: ...
+    async def put_buffer_size(self, value: Any) -> Any: ...
+    async def put_gain(self, site: int, channel: int | None, value: Any) -> Any: ...
+
+
+class RunHandlers(Protocol):
+    """What run PVs call on a put (ioc/runs.py)."""
+
+    def handler(self, suffix: str) -> Handler: ...
+    async def start(self, value: Any) -> Any: ...
+    async def stop(self, value: Any) -> Any: ...
+
+
+class ActionHandlers(Protocol):
+    """What the card's action PVs call (ioc/link.py)."""
+
+    async def reset(self, value: Any) -> Any: ...
+    async def reboot(self, value: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Handlers:
+    settings: SettingHandlers
+    runs: RunHandlers
+    actions: ActionHandlers
 
 
 @dataclass(frozen=True)
@@ -72,108 +96,114 @@ class Update:
     timestamp: float | None = None
 
 
-def _put(method: str) -> pvs.Putter:
-    """A putter that hands (PV suffix, value) to the group's controller method."""
-
-    async def putter(group, instance, value):
-        result = await getattr(group.controller, method)(instance.pvspec.name, value)
-        if instance.alarm.severity:  # an earlier refused put left WRITE/MAJOR: this one took
-            await instance.alarm.write(status=AlarmStatus.NO_ALARM, severity=AlarmSeverity.NO_ALARM)
-        return result
-
-    return putter
+def sample_bytes(sites: list[SiteLayout]) -> int:
+    """Bytes of one sample of these sites, as the card's StreamLayout counts them (ssb)."""
+    word = max(s.spec.word_size for s in sites)
+    layout = StreamLayout(tuple(s.site for s in sites), tuple(s.spec.nchan for s in sites), word)
+    return layout.sample_bytes
 
 
-def _card_pvs(card: CardConfig, sites: list[SiteLayout]) -> dict:
-    """The card-level PVs; putters call the controller class's methods by name."""
+def _card_pvs(card: CardConfig, sites: list[SiteLayout], h: Handlers) -> dict:
+    """The card-level PVs. LINK: the value comes from the card (INVALID while it is away)."""
     specs = [s.spec for s in sites]
     clk_lo = max(s.min_clkdiv for s in specs)
     clk_hi = min(s.max_clkdiv for s in specs)
-    sample_bytes = sum(s.nchan * s.word_size for s in specs) + 8
     max_buffer = min(s.max_buffer_bytes for s in specs)
-
-    ro = None
+    min_buffer = min(max(sample_bytes(sites), MIN_BUFFER_BYTES), max_buffer)
+    st, run = h.settings, h.runs
     p = pvs
     return {
-        "STATE": p.enum("STATE", "Card state", CARD_STATES, alarm_group=ro),
-        "CONNECTED": p.enum("CONNECTED", "Card link up", NO_YES, alarm_group=ro),
-        "HEARTBEAT": p.integer("HEARTBEAT", "IOC heartbeat, +1 per second", alarm_group=ro),
-        "LAST_ERROR": p.long_string("LAST_ERROR", "Last error text", alarm_group=ro),
-        "HOST": p.string("HOST", "Card network host", value=card.host[:39], alarm_group=ro),
-        "MODEL": p.string("MODEL", "Carrier model"),
-        "HOSTNAME": p.string("HOSTNAME", "Card's own host name"),
-        "SERIAL": p.string("SERIAL", "Carrier serial number"),
-        "FW:SW": p.string("FW:SW", "Card software version"),
-        "FW:FPGA": p.long_string("FW:FPGA", "Card FPGA image"),
+        "STATE": p.enum("STATE", "Card state", CARD_STATES),
+        "CONNECTED": p.enum("CONNECTED", "Card link up", NO_YES),
+        "HEARTBEAT": p.integer("HEARTBEAT", "IOC heartbeat, +1 per second"),
+        "LAST_ERROR": p.long_string("LAST_ERROR", "Last error text"),
+        "HOST": p.string("HOST", "Card network host", value=card.host),
+        "MODEL": p.string("MODEL", "Carrier model", alarm_group=LINK),
+        "HOSTNAME": p.string("HOSTNAME", "Card's own host name", alarm_group=LINK),
+        "SERIAL": p.string("SERIAL", "Carrier serial number", alarm_group=LINK),
+        "FW:SW": p.string("FW:SW", "Card software version", alarm_group=LINK),
+        "FW:FPGA": p.long_string("FW:FPGA", "Card FPGA image", alarm_group=LINK),
         "SITES": p.string("SITES", "Sites read out", value=",".join(map(str, card.sites))),
         "CLKDIV": p.integer("CLKDIV", "Clock divider", value=specs[0].default_clkdiv,
-                            limits=(clk_lo, clk_hi), put=_put("put_setting")),
-        "CLKDIV_RBV": p.integer("CLKDIV_RBV", "Clock divider readback"),
-        "EXT_CLOCK": p.enum("EXT_CLOCK", "Clock source", CLOCKS, put=_put("put_setting")),
-        "EXT_CLOCK_RBV": p.enum("EXT_CLOCK_RBV", "Clock source readback", CLOCKS),
+                            limits=(clk_lo, clk_hi), put=st.put_clkdiv, saved=True),
+        "CLKDIV_RBV": p.integer("CLKDIV_RBV", "Clock divider readback", alarm_group=LINK),
+        "EXT_CLOCK": p.enum("EXT_CLOCK", "Clock source", CLOCKS, put=st.put_ext_clock,
+                            saved=True),
+        "EXT_CLOCK_RBV": p.enum("EXT_CLOCK_RBV", "Clock source readback", CLOCKS,
+                                alarm_group=LINK),
         "EXT_CLOCK_FREQ": p.number("EXT_CLOCK_FREQ", "External clock frequency", units="Hz",
                                    precision=1, value=10e6, limits=(1.0, 1e9),
-                                   put=_put("put_setting")),
-        "SAMPLE_RATE_RBV": p.number("SAMPLE_RATE_RBV", "Sample rate", units="Hz", precision=1),
-        "SYSCLK_RBV": p.number("SYSCLK_RBV", "Card system clock", units="Hz", precision=0),
+                                   put=st.put_ext_clock_freq, saved=True),
+        "SAMPLE_RATE_RBV": p.number("SAMPLE_RATE_RBV", "Sample rate", units="Hz", precision=1,
+                                    alarm_group=LINK),
+        "SYSCLK_RBV": p.number("SYSCLK_RBV", "Card system clock", units="Hz", precision=0,
+                               alarm_group=LINK),
         "BUFFER_SIZE": p.integer("BUFFER_SIZE", "Readout buffer size", units="B",
-                                 value=min(max_buffer, 1 << 18), limits=(sample_bytes, max_buffer),
-                                 put=_put("put_setting")),
-        "AI:COUNTER": p.number("AI:COUNTER", "Spad counter of latest sample", precision=0),
-        "RUN:START": p.action("RUN:START", "Start a run", _put("start_run")),
-        "RUN:STOP": p.action("RUN:STOP", "Stop the run", _put("stop_run")),
-        "RUN:NAME": p.long_string("RUN:NAME", "Measurement name", put=_put("put_setting"),
-                                  alarm_group=ro, max_length=256),
-        "RUN:LOG": p.long_string("RUN:LOG", "Run log text", put=_put("put_setting"),
-                                 alarm_group=ro),
+                                 value=max(min(max_buffer, 1 << 18), min_buffer),
+                                 limits=(min_buffer, max_buffer), put=st.put_buffer_size,
+                                 saved=True),
+        # The spad counter is 32 bits unsigned: it passes 2**31, so it is a DOUBLE.
+        "AI:COUNTER": p.number("AI:COUNTER", "Spad counter of latest sample", precision=0,
+                               alarm_group=LINK),
+        "RUN:START": p.action("RUN:START", "Start a run", run.start),
+        "RUN:STOP": p.action("RUN:STOP", "Stop the run", run.stop),
+        "RUN:NAME": p.long_string("RUN:NAME", "Measurement name", put=run.handler("RUN:NAME"),
+                                  max_length=256, saved=True),
+        "RUN:LOG": p.long_string("RUN:LOG", "Run log text", put=run.handler("RUN:LOG"),
+                                 saved=True),
         "RUN:SAVE": p.enum("RUN:SAVE", "Write .dig files", NO_YES, value="Yes",
-                           put=_put("put_setting"), alarm_group=ro),
+                           put=run.handler("RUN:SAVE"), saved=True),
         "RUN:UPLOAD": p.enum("RUN:UPLOAD", "Record in the catalog", NO_YES, value="Yes",
-                             put=_put("put_setting"), alarm_group=ro),
+                             put=run.handler("RUN:UPLOAD"), saved=True),
         "RUN:DOWNSAMPLE": p.integer("RUN:DOWNSAMPLE", "Mean of N samples", value=1,
-                                    limits=(1, 1_000_000), put=_put("put_setting"), alarm_group=ro),
+                                    limits=(1, 1_000_000), put=run.handler("RUN:DOWNSAMPLE"),
+                                    saved=True),
         "RUN:TRIGGER": p.string("RUN:TRIGGER", "Trigger name", value="always",
-                                put=_put("put_setting"), alarm_group=ro),
+                                put=run.handler("RUN:TRIGGER"), saved=True),
         "RUN:TRIGGER_ARGS": p.long_string("RUN:TRIGGER_ARGS", "Trigger arguments (JSON)",
-                                          value="{}", put=_put("put_setting"), alarm_group=ro),
+                                          value="{}", put=run.handler("RUN:TRIGGER_ARGS"),
+                                          saved=True),
         "RUN:CHANNELS": p.long_string("RUN:CHANNELS", "Channels to save, empty=all",
-                                      put=_put("put_setting"), alarm_group=ro),
+                                      put=run.handler("RUN:CHANNELS"), saved=True),
         "RUN:LOGITEMS": p.long_string("RUN:LOGITEMS", "Extra header items (JSON)", value="{}",
-                                      put=_put("put_setting"), alarm_group=ro),
-        "RUN:STATE_RBV": p.enum("RUN:STATE_RBV", "Run state", RUN_STATES, alarm_group=ro),
-        "RUN:ID_RBV": p.long_string("RUN:ID_RBV", "Run id", max_length=128),
+                                      put=run.handler("RUN:LOGITEMS"), saved=True),
+        "RUN:STATE_RBV": p.enum("RUN:STATE_RBV", "Run state", RUN_STATES),
+        "RUN:ID_RBV": p.string("RUN:ID_RBV", "Run id"),
+        # Samples and bytes of a run pass 2**31 (36 min at 1 MHz): DOUBLE, not LONG.
         "RUN:SAMPLES_RBV": p.number("RUN:SAMPLES_RBV", "Samples in run", precision=0),
         "RUN:BYTES_RBV": p.number("RUN:BYTES_RBV", "Bytes written", units="B", precision=0),
         "RUN:FILE_RBV": p.long_string("RUN:FILE_RBV", "Current run file", max_length=1024),
-        "RUN:ERRORS_RBV": p.integer("RUN:ERRORS_RBV", "Counter errors in run", alarm_group=ro),
-        "RUN:OVERRUNS_RBV": p.integer("RUN:OVERRUNS_RBV", "Buffers lost to disk", alarm_group=ro),
+        "RUN:ERRORS_RBV": p.integer("RUN:ERRORS_RBV", "Counter errors in run"),
+        "RUN:OVERRUNS_RBV": p.integer("RUN:OVERRUNS_RBV", "Buffers lost to disk"),
         "RUN:ELAPSED_RBV": p.number("RUN:ELAPSED_RBV", "Run time", units="s", precision=1),
-        "RUN:FAULT_RBV": p.long_string("RUN:FAULT_RBV", "Why the run failed", alarm_group=ro),
+        "RUN:FAULT_RBV": p.long_string("RUN:FAULT_RBV", "Why the run failed"),
         "RUN:LAST_RESULT": p.long_string("RUN:LAST_RESULT", "Last run result (JSON)",
-                                         alarm_group=ro, max_length=16384),
-        "RUN:RECENT": p.long_string("RUN:RECENT", "Recent runs (JSON)", alarm_group=ro,
-                                    max_length=65536),
-        "TRIGGERS": p.long_string("TRIGGERS", "Trigger names (JSON)", alarm_group=ro),
-        "STREAM:MBPS": p.number("STREAM:MBPS", "Stream rate", units="MB/s", precision=2),
-        "STREAM:BUFFERS": p.number("STREAM:BUFFERS", "Buffers received", precision=0),
-        "STREAM:SAMPLES": p.number("STREAM:SAMPLES", "Samples received", precision=0),
-        "STREAM:COUNTER_ERRORS": p.integer("STREAM:COUNTER_ERRORS", "Counter jumps",
-                                           alarm_group=ro),
-        "RESET": p.action("RESET", "Jump-start the readout", _put("reset")),
-        "REBOOT": p.action("REBOOT", "Reboot the card over SSH", _put("reboot")),
+                                         max_length=16384),
+        "RUN:RECENT": p.long_string("RUN:RECENT", "Recent runs (JSON)", max_length=65536),
+        "TRIGGERS": p.long_string("TRIGGERS", "Trigger names (JSON)"),
+        "STREAM:MBPS": p.number("STREAM:MBPS", "Stream rate", units="MB/s", precision=2,
+                                alarm_group=LINK),
+        "STREAM:BUFFERS": p.integer("STREAM:BUFFERS", "Buffers received", alarm_group=LINK),
+        # Samples pass 2**31 after 36 min at 1 MHz: DOUBLE.
+        "STREAM:SAMPLES": p.number("STREAM:SAMPLES", "Samples received", precision=0,
+                                   alarm_group=LINK),
+        "STREAM:COUNTER_ERRORS": p.integer("STREAM:COUNTER_ERRORS", "Counter jumps"),
+        "RESET": p.action("RESET", "Jump-start the readout", h.actions.reset),
+        "REBOOT": p.action("REBOOT", "Reboot the card over SSH", h.actions.reboot),
     }  # fmt: skip
 
 
-def _site_pvs(s: SiteLayout, n: int) -> dict:
+def _site_pvs(s: SiteLayout, n: int, settings: SettingHandlers) -> dict:
     spec, p, pre = s.spec, pvs, f"{s.site}:"
     raw_type = ChannelType.INT if spec.word_size == 2 else ChannelType.LONG
     nspec = n // 2 + 1
 
     out = {
-        pre + "MODEL": p.string(pre + "MODEL", "Module model"),
-        pre + "PART_NUM": p.string(pre + "PART_NUM", "Module part number"),
-        pre + "SERIAL": p.string(pre + "SERIAL", "Module serial number"),
-        pre + "NCHAN": p.integer(pre + "NCHAN", "AI channels", value=spec.nchan),
+        pre + "MODEL": p.string(pre + "MODEL", "Module model", alarm_group=LINK),
+        pre + "PART_NUM": p.string(pre + "PART_NUM", "Module part number", alarm_group=LINK),
+        pre + "SERIAL": p.string(pre + "SERIAL", "Module serial number", alarm_group=LINK),
+        pre + "NCHAN": p.integer(pre + "NCHAN", "AI channels", value=spec.nchan,
+                                 alarm_group=LINK),
         pre + "WORD_SIZE": p.integer(pre + "WORD_SIZE", "Bytes per sample word", units="B",
                                      value=spec.word_size),
         pre + "BIT_SHIFT": p.integer(pre + "BIT_SHIFT", "Right shift to ADC code",
@@ -184,71 +214,110 @@ def _site_pvs(s: SiteLayout, n: int) -> dict:
         pre + "BUFFER_MAX": p.integer(pre + "BUFFER_MAX", "Largest buffer", units="B",
                                       value=spec.max_buffer_bytes),
         pre + "AI:WF:TB": p.waveform(pre + "AI:WF:TB", "Timebase", ChannelType.DOUBLE, n,
-                                     units="s", precision=6),
+                                     units="s", precision=6, alarm_group=LINK),
         pre + "AI:SPEC:FREQ": p.waveform(pre + "AI:SPEC:FREQ", "Spectrum frequency axis",
-                                         ChannelType.DOUBLE, nspec, units="Hz", precision=1),
+                                         ChannelType.DOUBLE, nspec, units="Hz", precision=1,
+                                         alarm_group=LINK),
     }  # fmt: skip
     if spec.gain_codes:
         out[pre + "GAIN:ALL"] = p.enum(
-            pre + "GAIN:ALL", "Gain of all channels", s.labels, put=_put("put_gain")
+            pre + "GAIN:ALL",
+            "Gain of all channels",
+            s.labels,
+            put=partial(settings.put_gain, s.site, None),
         )
     for i in range(spec.nchan):
         ch = f"{i + 1:02d}"
         if spec.gain_codes:
             out[f"{pre}GAIN:{ch}"] = p.enum(
-                f"{pre}GAIN:{ch}", f"Gain of channel {ch}", s.labels, put=_put("put_gain")
+                f"{pre}GAIN:{ch}",
+                f"Gain of channel {ch}",
+                s.labels,
+                put=partial(settings.put_gain, s.site, i + 1),
+                saved=True,
             )
         wf = f"{pre}AI:WF:{ch}"
-        out[wf] = p.waveform(wf, f"Ch {ch} latest samples, raw", raw_type, n)
+        out[wf] = p.waveform(wf, f"Ch {ch} latest samples, raw", raw_type, n, alarm_group=LINK)
         # Volts and spectra are computed only while watched or when read (pvs._Derived).
         out[wf + ":V"] = p.waveform(
             wf + ":V", f"Ch {ch} latest samples", ChannelType.DOUBLE, n, units="V",
-            precision=5, derived=True,
+            precision=5, derived=True, alarm_group=LINK,
         )  # fmt: skip
         sp = f"{pre}AI:SPEC:{ch}"
         out[sp] = p.waveform(
             sp, f"Ch {ch} amplitude spectrum", ChannelType.DOUBLE, nspec, units="V",
-            precision=6, derived=True,
+            precision=6, derived=True, alarm_group=LINK,
         )  # fmt: skip
         mean = f"{pre}AI:CH:{ch}"
-        out[mean] = p.number(mean, f"Ch {ch} mean", units="V", precision=5)
+        out[mean] = p.number(mean, f"Ch {ch} mean", units="V", precision=5, alarm_group=LINK)
         for stat, what in (("MIN", "minimum"), ("MAX", "maximum"), ("RMS", "RMS")):
             out[f"{mean}:{stat}"] = p.number(
-                f"{mean}:{stat}", f"Ch {ch} {what}", units="V", precision=5
+                f"{mean}:{stat}", f"Ch {ch} {what}", units="V", precision=5, alarm_group=LINK
             )
     return out
 
 
-def build_group_class(card: CardConfig, ioc: IocConfig) -> type[CheckedGroup]:
+def build_group_class(card: CardConfig, ioc: IocConfig, handlers: Handlers) -> type[CheckedGroup]:
     """A PVGroup subclass with every PV of this card (names relative to its prefix)."""
     sites = site_layouts(card)
-    props = _card_pvs(card, sites)
+    props = _card_pvs(card, sites, handlers)
     for s in sites:
-        props.update(_site_pvs(s, ioc.display_samples))
+        props.update(_site_pvs(s, ioc.display_samples, handlers.settings))
     attrs = {_attr(suffix): prop for suffix, prop in props.items()}
     return type(f"Card{card.name}", (CheckedGroup,), attrs)
+
+
+class _Unbound:
+    """Handlers for a group built only to list its PVs (screens, tests): puts are refused."""
+
+    async def _refuse(self, *args: Any) -> Any:
+        raise pvs.PutRefused("this PV group serves no card")
+
+    put_clkdiv = put_ext_clock = put_ext_clock_freq = put_buffer_size = put_gain = _refuse
+    start = stop = reset = reboot = _refuse
+
+    def handler(self, suffix: str) -> Handler:
+        return self._refuse
+
+
+def served_suffixes(card: CardConfig, ioc: IocConfig) -> frozenset[str]:
+    """The PV names (relative to the card's prefix) that the IOC serves for this card."""
+    unbound = _Unbound()
+    cls = build_group_class(card, ioc, Handlers(unbound, unbound, unbound))
+    return frozenset(prop.pvspec.name for prop in cls._pvs_.values())
+
+
+def served_names(cards: list[CardConfig], ioc: IocConfig) -> set[str]:
+    """Every full PV name the IOC serves for these cards."""
+    return {c.prefix + s for c in cards for s in served_suffixes(c, ioc)}
 
 
 class CardPVs:
     """The live PVs of one card, and the only code that writes their readbacks."""
 
-    def __init__(self, card: CardConfig, ioc: IocConfig, controller: CardController,
+    def __init__(self, card: CardConfig, ioc: IocConfig, handlers: Handlers,
                  access: pvs.AccessRules | None):  # fmt: skip
         self.config = card
         self.sites = site_layouts(card)
-        cls = build_group_class(card, ioc)
+        cls = build_group_class(card, ioc, handlers)
         self.group = cls(prefix=card.prefix)
-        self.group.controller = controller  # type: ignore[attr-defined]
         self.group.access_rules = access
         self.pvdb = self.group.pvdb
         self._last: dict[str, Any] = {}
         self._link_ok: bool | None = None
 
-    def pv(self, suffix: str):
+    def pv(self, suffix: str) -> Any:
         return self.pvdb[self.config.prefix + suffix]
 
     def value(self, suffix: str) -> Any:
         return self.pv(suffix).value
+
+    def suffix(self, pv: Any) -> str:
+        return str(pv.pvname)[len(self.config.prefix) :]
+
+    def saved(self) -> list[Any]:
+        """The PVs autosave keeps."""
+        return [pv for pv in self.pvdb.values() if getattr(pv, "saved", False)]
 
     async def publish(self, update: Update) -> None:
         """Write changed values; arrays are always new when given."""

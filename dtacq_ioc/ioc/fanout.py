@@ -31,6 +31,15 @@ from typing import Any
 import numpy as np
 from caproto import EventAddResponse
 
+from dtacq_ioc.ioc.caproto_adapter import (
+    circuit_transport,
+    circuit_writer,
+    forget_cached_reads,
+    read_for_subscription,
+    send_by_caproto,
+    subscription_queues,
+)
+
 log = logging.getLogger(__name__)
 
 MAX_BUFFER_BYTES = 8 << 20  # per client: about two frames of 16 x 100k int16
@@ -112,7 +121,7 @@ class Fanout:
         for circuit, waiting in batches.items():
             if not _open(circuit):
                 continue
-            writer = circuit.client.writer
+            writer = circuit_writer(circuit)
             queued = writer.transport.get_write_buffer_size()
             size = sum(e.nbytes for e in waiting.values())
             if queued and queued + size > self.max_buffer_bytes:
@@ -128,7 +137,7 @@ class Fanout:
         # A subscription cancelled meanwhile must get nothing more.
         live = [e for e in waiting.values() if e.sub in circuit.subscriptions.get(e.spec, ())]
         buffers = [b for e in live for b in e.buffers]
-        transport = circuit.client.writer.transport
+        transport = circuit_transport(circuit)
         _queue(transport, buffers, _sendmsg(transport, buffers) if direct else 0)
         self.sent += len(live)
 
@@ -164,7 +173,7 @@ class Fanout:
 
 
 def _open(circuit: Any) -> bool:
-    return circuit.connected and not circuit.client.writer.transport.is_closing()
+    return circuit.connected and not circuit_transport(circuit).is_closing()
 
 
 def _sendmsg(transport: asyncio.Transport, buffers: Sequence[Any]) -> int:
@@ -216,8 +225,6 @@ class FanoutArray:
     """
 
     group: Any
-    _queues: Any
-    _content: Any
 
     def _fanout(self) -> Fanout | None:
         return getattr(self.group, "fanout", None)
@@ -228,22 +235,23 @@ class FanoutArray:
         fanout = self._fanout()
         if fanout is None or not _plain(sub_spec) or not sub.circuit.events_on.is_set():
             return await super().subscribe(queue, sub_spec, sub)  # type: ignore[misc]
-        self._queues[queue][None][sub_spec.data_type_name].add(sub_spec)
+        subscription_queues(self)[queue][None][sub_spec.data_type_name].add(sub_spec)
         # The first update goes the same way as the later ones, so it cannot overtake them.
         await self._send_one(fanout, sub.circuit.context, sub_spec, sub, 0, {})
 
     async def publish(self, flags):
         fanout = self._fanout()
         contexts = self.__dict__.get("_contexts", {})
+        queues = subscription_queues(self)
         if (
             fanout is None
-            or any(sync is not None for syncs in self._queues.values() for sync in syncs)
-            or any(queue not in contexts for queue in self._queues)
+            or any(sync is not None for syncs in queues.values() for sync in syncs)
+            or any(queue not in contexts for queue in queues)
         ):
             return await super().publish(flags)  # type: ignore[misc]
-        self._content.clear()  # caproto's cache for new subscriptions: the value changed
+        forget_cached_reads(self)  # caproto's cache for new subscriptions: the value changed
         messages: dict[str, tuple[Any, Any, Message | None]] = {}
-        for queue, syncs in self._queues.items():
+        for queue, syncs in queues.items():
             context = contexts[queue]
             for specs in syncs.get(None, {}).values():
                 for spec in tuple(specs):
@@ -256,7 +264,7 @@ class FanoutArray:
         `messages` caches this update's reading and message per data type."""
         type_name = spec.data_type_name
         if type_name not in messages:
-            metadata, values = await self._read(sub.data_type)  # type: ignore[attr-defined]
+            metadata, values = await read_for_subscription(self, sub.data_type)
             messages[type_name] = (metadata, values, None)
         metadata, values, message = messages[type_name]
         if _plain(spec) and _whole(sub, values) and sub.circuit.events_on.is_set():
@@ -265,9 +273,7 @@ class FanoutArray:
                 messages[type_name] = (metadata, values, message)
             fanout.send(spec, sub, message)
         else:
-            await context._subscription_queue_send(
-                spec, sub, metadata=metadata, values=values, flags=flags
-            )
+            await send_by_caproto(context, spec, sub, metadata=metadata, values=values, flags=flags)
 
 
 def _plain(spec: Any) -> bool:

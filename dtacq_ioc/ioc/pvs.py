@@ -1,34 +1,51 @@
 """Building blocks for the IOC's PVs: one factory for every kind of PV we serve.
 
-Every PV gets a description (the record's DESC), units and precision where they
-mean something, and joins the card's "link" alarm group unless it reports on
-the link itself, so one write marks the whole card COMM/INVALID when it drops.
+Every PV has a record type (`.RTYP`, and the fields clients read from it: see
+`fields.py`), a description, units and precision where they mean something, and an
+alarm of its own, unless it joins the card's "link" alarm group: the PVs whose value
+comes from the card, so one write marks them all INVALID/COMM when it drops.
+
+A writable PV is bound to a handler, an async callable that gets the value put and
+returns the value to hold; it raises `PutRefused` with a line of words to refuse.
+Values are checked before the handler sees them: enum states, limits, NaN and
+infinities, text that is not a number.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import numpy as np
-from caproto import AccessRights, ChannelType
+from caproto import AccessRights, AlarmSeverity, AlarmStatus, ChannelType
 from caproto.server import PVGroup, pvproperty
-from caproto.server.server import PvpropertyChar, pvspec_type_map, pvspec_type_map_read_only
+from caproto.server.server import pvspec_type_map, pvspec_type_map_read_only
 
+from dtacq_ioc.contract import ACTION
+from dtacq_ioc.ioc.caproto_adapter import WriteTracker
 from dtacq_ioc.ioc.fanout import Fanout, FanoutArray
+from dtacq_ioc.ioc.fields import RecordFields
 
-LINK = "link"  # alarm group shared by PVs whose value depends on the card link
+LINK = "link"  # alarm group of PVs whose value comes from the card
 BIG_ARRAY = 1000  # elements: longer arrays keep a short backlog and go through the Fanout
 WAVEFORM_BACKLOG = 3  # past updates kept per client for big arrays (caproto default: 1000)
 LONG_STRING = 4096  # bytes of a CHAR-array "long string" PV
+STRING_MAX = 39  # characters of a DBR_STRING value (40 bytes with the terminating NUL)
 
-Putter = Callable[[PVGroup, Any, Any], Awaitable[Any]]
+Handler = Callable[[Any], Awaitable[Any]]
 Refresher = Callable[[], Awaitable[None]]
+RefusalSink = Callable[[str], Awaitable[None]]  # shows the refusal (LAST_ERROR)
+AutosaveSink = Callable[[Any, Any], None]  # (PV, value applied)
 
 log = logging.getLogger(__name__)
+
+
+class PutRefused(Exception):
+    """A put the IOC will not carry out; the message says why in one line of words."""
 
 
 @dataclass(frozen=True)
@@ -50,10 +67,14 @@ def _host_matches(hostname: str, allowed: tuple[str, ...]) -> bool:
     return any(hostname == a or short == a.split(".")[0] for a in allowed)
 
 
-class _AccessChecked:
-    """Mixed into every writable PV class: the group's rules can take WRITE away."""
+class _Checked(WriteTracker):
+    """Mixed into every writable PV: access rules, values checked in words, own alarm cleared
+    by a good put, and every refusal reported to the group's `refusal_sink`."""
 
     group: Any
+    name: str
+    pvname: str
+    data_type: ChannelType
 
     def check_access(self, hostname: str, username: str) -> AccessRights:
         rights = super().check_access(hostname, username)  # type: ignore[misc]
@@ -62,18 +83,96 @@ class _AccessChecked:
             return rights & ~AccessRights.WRITE
         return rights
 
+    async def write_from_dbr(self, data: Any, data_type: Any, metadata: Any, *args, **kwargs):
+        try:
+            if data_type == ChannelType.STRING and self.data_type not in _TEXT_TYPES:
+                # Text put to a number or enum: read it as EPICS base does ("12.7" -> 12).
+                return await self.write(_parse_text(self, data), flags=kwargs.get("flags", 0))
+            if data_type == ChannelType.CHAR and not bytes(data).strip(b"\x00"):
+                # caproto 1.3 cannot put empty text to a CHAR array; clearing a text is fine.
+                return await self.write("", flags=kwargs.get("flags", 0))
+            result = await super().write_from_dbr(data, data_type, metadata, *args, **kwargs)
+        except PutRefused as exc:
+            await self._refused(str(exc))
+            raise
+        except Exception as exc:  # caproto's own conversions: refuse in words, not a class name
+            message = f"{self.pvname}: the value cannot be taken ({_first_line(exc)})"
+            await self._refused(message)
+            raise PutRefused(message) from None
+        await self._clear_write_alarm()
+        return result
 
-class _EmptyTextPut:
-    """Accept puts of empty text to CHAR-array PVs.
+    async def verify_value(self, value: Any) -> Any:
+        _check_value(self, value)
+        return await super().verify_value(value)  # type: ignore[misc]
 
-    caproto 1.3 decodes such a put to "" and then fails converting it back to
-    bytes, so clients clearing RUN:LOG or RUN:CHANNELS got no answer.
-    """
+    async def _refused(self, message: str) -> None:
+        sink: RefusalSink | None = getattr(self.group, "refusal_sink", None)
+        if sink is not None:
+            await sink(message)
 
-    async def write_from_dbr(self, data, data_type, metadata, *args, **kwargs):
-        if data_type == ChannelType.CHAR and not bytes(data).strip(b"\x00"):
-            return await self.write("", flags=kwargs.get("flags", 0))  # type: ignore[attr-defined]
-        return await super().write_from_dbr(data, data_type, metadata, *args, **kwargs)  # type: ignore[misc]
+    async def _clear_write_alarm(self) -> None:
+        alarm = self.alarm  # type: ignore[attr-defined]  # caproto's ChannelAlarm
+        if alarm.status == AlarmStatus.WRITE:
+            await alarm.write(status=AlarmStatus.NO_ALARM, severity=AlarmSeverity.NO_ALARM)
+
+
+_TEXT_TYPES = (ChannelType.STRING, ChannelType.CHAR)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "not of the PV's type"
+
+
+def _parse_text(pv: Any, data: Any) -> Any:
+    text = data if isinstance(data, str | bytes) else data[0]  # one string of a DBR_STRING
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    text = str(text).strip().rstrip("\x00")
+    if pv.data_type == ChannelType.ENUM:
+        if text in pv.enum_strings:
+            return text
+        if text.isdigit():
+            return int(text)
+        raise PutRefused(f"{pv.pvname}: {text!r} is not one of {', '.join(pv.enum_strings)}")
+    try:
+        number = float(text)
+    except ValueError:
+        raise PutRefused(f"{pv.pvname}: {text[:40]!r} is not a number") from None
+    if pv.data_type in (ChannelType.LONG, ChannelType.INT, ChannelType.CHAR):
+        if not math.isfinite(number):
+            raise PutRefused(f"{pv.pvname}: {text[:40]!r} is not a whole number")
+        return int(number)  # truncated, as EPICS base converts "12.7" for a long
+    return number
+
+
+def _check_value(pv: Any, value: Any) -> None:
+    """Refuse what would poison the PV or break its limits, naming PV, value and reason."""
+    name = pv.pvname
+    if pv.data_type == ChannelType.ENUM:
+        states = tuple(pv.enum_strings)
+        if isinstance(value, str):
+            if value not in states:
+                raise PutRefused(f"{name}: {value[:40]!r} is not one of {', '.join(states)}")
+        elif not (isinstance(value, int | np.integer) and 0 <= int(value) < len(states)):
+            shown = int(value) if isinstance(value, int | np.integer) else repr(value)
+            raise PutRefused(
+                f"{name}: {shown} is not a state index 0..{len(states) - 1} ({', '.join(states)})"
+            )
+        return
+    if pv.data_type not in (ChannelType.DOUBLE, ChannelType.FLOAT, ChannelType.LONG):
+        return
+    number = float(value)
+    if not math.isfinite(number):
+        raise PutRefused(f"{name}: {number} is not a finite number")
+    lo, hi = pv.lower_ctrl_limit, pv.upper_ctrl_limit
+    if lo < hi and not lo <= number <= hi:
+        raise PutRefused(f"{name}: {_number(number)} is outside {_number(lo)}..{_number(hi)}")
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 class _Watched:
@@ -129,30 +228,64 @@ def _array_class(dtype: ChannelType, derived: bool, big: bool) -> type:
     """The read-only class of a waveform PV: watched, derived when asked, and sent to
     its monitors by the group's Fanout when big."""
     base = pvspec_type_map_read_only[dtype]
-    mixins = (_Derived,) * derived + (_Watched,) + (FanoutArray,) * big
+    mixins = (RecordFields,) + (_Derived,) * derived + (_Watched,) + (FanoutArray,) * big
     name = f"Array{'Derived' * derived}{'Big' * big}{base.__name__}"
     return type(name, (*mixins, base), {})
 
 
-def _checked(cls: type) -> type:
-    mixins = (
-        (_AccessChecked, _Watched, _EmptyTextPut)
-        if issubclass(cls, PvpropertyChar)
-        else (_AccessChecked, _Watched)
-    )
-    return type(f"Checked{cls.__name__}", (*mixins, cls), {})
+def _writable(cls: type) -> type:
+    return type(f"Checked{cls.__name__}", (RecordFields, _Checked, _Watched, cls), {})
 
 
 class CheckedGroup(PVGroup):
-    """A PVGroup whose writable PVs obey `access_rules` (set on the instance)."""
+    """A PVGroup whose PVs carry record fields, and whose writable PVs obey `access_rules`
+    and report refusals to `refusal_sink` (both set on the instance)."""
 
     access_rules: AccessRules | None = None
+    refusal_sink: RefusalSink | None = None
+    autosave_sink: AutosaveSink | None = None
     fanout: Fanout | None = None  # sends big arrays to plain monitors (set by the IOC)
-    type_map = {dtype: _checked(cls) for dtype, cls in pvspec_type_map.items()}
+    type_map = {dtype: _writable(cls) for dtype, cls in pvspec_type_map.items()}
     type_map_read_only = {
-        dtype: type(f"Watched{cls.__name__}", (_Watched, cls), {})
+        dtype: type(f"Watched{cls.__name__}", (RecordFields, _Watched, cls), {})
         for dtype, cls in pvspec_type_map_read_only.items()
     }
+
+
+def _putter(handler: Handler, saved: bool) -> Callable[[Any, Any, Any], Awaitable[Any]]:
+    """caproto's putter: the handler's applied value is held, and saved when `saved`."""
+
+    async def putter(group: Any, instance: Any, value: Any) -> Any:
+        applied = await handler(value)
+        applied = value if applied is None else applied
+        sink: AutosaveSink | None = getattr(group, "autosave_sink", None)
+        if saved and sink is not None:
+            sink(instance, applied)
+        return applied
+
+    putter.__name__ = getattr(handler, "__name__", "putter")
+    return putter
+
+
+def check_restored(pv: Any, value: Any) -> Any:
+    """A saved value as the PV would take it now; PutRefused when it no longer fits."""
+    if pv.data_type in _TEXT_TYPES:
+        if not isinstance(value, str):
+            raise PutRefused(f"{pv.pvname}: saved value {value!r} is not text")
+        limit = STRING_MAX if pv.data_type == ChannelType.STRING else pv.max_length - 1
+        if len(value.encode("latin-1", errors="replace")) > limit:
+            raise PutRefused(f"{pv.pvname}: saved text is longer than {limit} characters")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise PutRefused(f"{pv.pvname}: saved value {value!r} is not of the PV's type")
+    if isinstance(value, str) and pv.data_type != ChannelType.ENUM:
+        value = _parse_text(pv, value)
+    if pv.data_type == ChannelType.LONG and isinstance(value, float):
+        if not value.is_integer():
+            raise PutRefused(f"{pv.pvname}: saved value {value!r} is not a whole number")
+        value = int(value)
+    _check_value(pv, value)
+    return value
 
 
 def make_pv(
@@ -160,24 +293,22 @@ def make_pv(
     value: Any,
     doc: str,
     *,
+    rtyp: str,
     dtype: Any = None,
     units: str = "",
     precision: int = 0,
     limits: tuple[float, float] | None = None,
-    put: Putter | None = None,
-    record: str | None = None,
-    alarm_group: str | None = LINK,
+    put: Handler | None = None,
+    alarm_group: str | None = None,
     max_length: int | None = None,
     enum_strings: tuple[str, ...] | None = None,
+    saved: bool = False,
 ) -> pvproperty:
-    """One PV. Writable exactly when `put` is given; limits are enforced on puts.
+    """One PV, writable exactly when `put` is given; its own alarm unless `alarm_group`.
 
-    A setpoint has an alarm of its own: caproto marks a PV WRITE/MAJOR when a put to
-    it is refused, and that must not spread to the card's link group.
+    `saved`: autosave keeps the value and the IOC puts it back at start.
     """
-    if put is not None:
-        alarm_group = None
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"rtyp": rtyp, "saved": saved}
     if units:
         kwargs["units"] = units
     if precision:
@@ -194,14 +325,13 @@ def make_pv(
         value=value,
         dtype=dtype,
         doc=doc[:40],
-        record=record,
         read_only=put is None,
-        alarm_group=alarm_group,
+        alarm_group=alarm_group or name,  # a group of one: an alarm of its own
         max_length=max_length,
         **kwargs,
     )
     if put is not None:
-        prop.putter(put)
+        prop.putter(_putter(put, saved))
     return prop
 
 
@@ -213,22 +343,15 @@ def number(
     units: str = "",
     precision: int = 3,
     limits: tuple[float, float] | None = None,
-    put: Putter | None = None,
-    alarm_group: str | None = LINK,
+    put: Handler | None = None,
+    alarm_group: str | None = None,
+    saved: bool = False,
 ) -> pvproperty:
-    record = "ao" if put else "ai"
     return make_pv(
-        name,
-        float(value),
-        doc,
-        dtype=ChannelType.DOUBLE,
-        units=units,
-        precision=precision,
-        limits=limits,
-        put=put,
-        record=record,
-        alarm_group=alarm_group,
-    )
+        name, float(value), doc, rtyp="ao" if put else "ai", dtype=ChannelType.DOUBLE,
+        units=units, precision=precision, limits=limits, put=put, alarm_group=alarm_group,
+        saved=saved,
+    )  # fmt: skip
 
 
 def integer(
@@ -238,21 +361,14 @@ def integer(
     value: int = 0,
     units: str = "",
     limits: tuple[int, int] | None = None,
-    put: Putter | None = None,
-    alarm_group: str | None = LINK,
+    put: Handler | None = None,
+    alarm_group: str | None = None,
+    saved: bool = False,
 ) -> pvproperty:
-    record = "longout" if put else "longin"
     return make_pv(
-        name,
-        int(value),
-        doc,
-        dtype=ChannelType.LONG,
-        units=units,
-        limits=limits,
-        put=put,
-        record=record,
-        alarm_group=alarm_group,
-    )
+        name, int(value), doc, rtyp="longout" if put else "longin", dtype=ChannelType.LONG,
+        units=units, limits=limits, put=put, alarm_group=alarm_group, saved=saved,
+    )  # fmt: skip
 
 
 def enum(
@@ -261,20 +377,16 @@ def enum(
     labels: tuple[str, ...],
     *,
     value: str | None = None,
-    put: Putter | None = None,
-    alarm_group: str | None = LINK,
+    put: Handler | None = None,
+    alarm_group: str | None = None,
+    saved: bool = False,
 ) -> pvproperty:
-    record = ("bo" if put else "bi") if len(labels) == 2 else ("mbbo" if put else "mbbi")
+    two = len(labels) == 2
+    rtyp = ("bo" if put else "bi") if two else ("mbbo" if put else "mbbi")
     return make_pv(
-        name,
-        value or labels[0],
-        doc,
-        dtype=ChannelType.ENUM,
-        enum_strings=labels,
-        put=put,
-        record=record,
-        alarm_group=alarm_group,
-    )
+        name, value or labels[0], doc, rtyp=rtyp, dtype=ChannelType.ENUM,
+        enum_strings=labels, put=put, alarm_group=alarm_group, saved=saved,
+    )  # fmt: skip
 
 
 def string(
@@ -282,20 +394,15 @@ def string(
     doc: str,
     *,
     value: str = "",
-    put: Putter | None = None,
-    alarm_group: str | None = LINK,
+    put: Handler | None = None,
+    alarm_group: str | None = None,
+    saved: bool = False,
 ) -> pvproperty:
     """A DBR_STRING PV (at most 40 characters) that caget prints as text."""
-    record = "stringout" if put else "stringin"
     return make_pv(
-        name,
-        value[:39],
-        doc,
-        dtype=ChannelType.STRING,
-        put=put,
-        record=record,
-        alarm_group=alarm_group,
-    )
+        name, value[:STRING_MAX], doc, rtyp="stringout" if put else "stringin",
+        dtype=ChannelType.STRING, put=put, alarm_group=alarm_group, saved=saved,
+    )  # fmt: skip
 
 
 def long_string(
@@ -303,29 +410,20 @@ def long_string(
     doc: str,
     *,
     value: str = "",
-    put: Putter | None = None,
-    alarm_group: str | None = LINK,
+    put: Handler | None = None,
+    alarm_group: str | None = None,
     max_length: int = LONG_STRING,
+    saved: bool = False,
 ) -> pvproperty:
     """Text longer than 40 characters: a CHAR array read with `caget -S`.
 
     Reported as CHAR, not STRING: clients asking for the native type of a
     STRING-reported PV get only its first 40 characters.
     """
-    prop = pvproperty(
-        name=name,
-        value=value,
-        dtype=ChannelType.CHAR,
-        max_length=max_length,
-        doc=doc[:40],
-        read_only=put is None,
-        alarm_group=alarm_group,
-        record="waveform",
-        max_subscription_backlog=WAVEFORM_BACKLOG,
-    )
-    if put is not None:
-        prop.putter(put)
-    return prop
+    return make_pv(
+        name, value, doc, rtyp="waveform", dtype=ChannelType.CHAR, put=put,
+        alarm_group=alarm_group, max_length=max_length, saved=saved,
+    )  # fmt: skip
 
 
 def waveform(
@@ -336,7 +434,7 @@ def waveform(
     *,
     units: str = "",
     precision: int = 0,
-    alarm_group: str | None = LINK,
+    alarm_group: str | None = None,
     derived: bool = False,
 ) -> pvproperty:
     """A read-only array PV whose maximum length is fixed from the config.
@@ -350,21 +448,15 @@ def waveform(
         ChannelType.DOUBLE: np.float64,
     }[dtype]
     return make_pv(
-        name,
-        np.zeros(length, dtype=np_type),
-        doc,
-        dtype=_array_class(dtype, derived, length > BIG_ARRAY),
-        units=units,
-        precision=precision,
-        record="waveform",
-        max_length=length,
-        alarm_group=alarm_group,
-    )
+        name, np.zeros(length, dtype=np_type), doc, rtyp="waveform",
+        dtype=_array_class(dtype, derived, length > BIG_ARRAY), units=units,
+        precision=precision, max_length=length, alarm_group=alarm_group,
+    )  # fmt: skip
 
 
-def action(name: str, doc: str, put: Putter) -> pvproperty:
-    """A bo PV that does something when 1 is written (and reads back 0 after)."""
-    return enum(name, doc, ("Idle", "Go"), put=put, alarm_group=None)
+def action(name: str, doc: str, put: Handler) -> pvproperty:
+    """A bo PV that does something when 1 ("Go") is written, and reads back 0 after."""
+    return enum(name, doc, ACTION, put=put)
 
 
 def text_value(value: Any) -> str:

@@ -17,8 +17,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dtacq_ioc.config import CardConfig, Config, IocConfig
-from dtacq_ioc.ioc.cardgroup import SiteLayout, build_group_class, site_layouts
+from dtacq_ioc.config import CardConfig, Config
+from dtacq_ioc.ioc import cardgroup
+from dtacq_ioc.ioc.cardgroup import SiteLayout, served_suffixes, site_layouts
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +32,9 @@ TRACE_COLORS = (
 )  # fmt: skip
 
 
-def served_suffixes(card: CardConfig, ioc: IocConfig) -> frozenset[str]:
-    """The PV names (relative to the card's prefix) that the IOC serves for this card."""
-    cls = build_group_class(card, ioc)
-    return frozenset(prop.pvspec.name for prop in cls._pvs_.values())
-
-
 def served_names(config: Config) -> set[str]:
     """Every full PV name the IOC serves for this config."""
-    return {c.prefix + s for c in config.cards for s in served_suffixes(c, config.ioc)}
+    return cardgroup.served_names(list(config.cards), config.ioc)
 
 
 @dataclass(frozen=True)

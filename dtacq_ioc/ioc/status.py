@@ -15,10 +15,9 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from caproto import AlarmSeverity, AlarmStatus, ChannelType
-from caproto.server import PVGroup
 
 from dtacq_ioc import __version__
 from dtacq_ioc.config import Config
@@ -27,7 +26,13 @@ from dtacq_ioc.ioc import pvs
 if TYPE_CHECKING:
     from dtacq_ioc.ioc.controller import CardController
     from dtacq_ioc.ioc.fanout import Fanout
-    from dtacq_ioc.ioc.notify import Notifier
+
+
+class StatusSink(Protocol):
+    """Where the one-line status goes (systemd's STATUS=, see dtacq_ioc/notify.py)."""
+
+    def status(self, text: str) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,7 @@ _OK = (AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)
 _MINOR = (AlarmStatus.STATE, AlarmSeverity.MINOR_ALARM)
 
 
-class StatusGroup(PVGroup):
+class StatusGroup(pvs.CheckedGroup):
     """Read-only PVs; names relative to the IOC prefix."""
 
     uptime = pvs.number("UPTIME", "IOC uptime", units="s", precision=0, alarm_group=None)
@@ -86,7 +91,7 @@ class IocStatus:
         config: Config,
         controllers: Sequence[CardController],
         catalog: Any,
-        notifier: Notifier | None = None,
+        notifier: StatusSink | None = None,
         fanout: Fanout | None = None,
     ):
         self.config = config

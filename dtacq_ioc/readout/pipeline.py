@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from dtacq_ioc.archive.dig import Opener
-from dtacq_ioc.card.stream import StreamClient, StreamLayout
+from dtacq_ioc.card.stream import StreamClient
 from dtacq_ioc.config import ArchiveConfig, IocConfig
+from dtacq_ioc.contract import StreamLayout
 from dtacq_ioc.readout.display import DisplayStage
 from dtacq_ioc.readout.integrity import CounterCheck
 from dtacq_ioc.readout.run import Run, RunSettings, SettingsError, StreamInfo
@@ -268,7 +269,7 @@ class Readout:
             nbuf = settings.buffer_samples(sample_bytes, self.buffer_samples, max_bytes)
             # Refuse bad channels or triggers before touching the stream: a refusal changes nothing.
             settings.channels(sum(self.card.site_info(s).nchan for s in sites))
-            self.triggers.create(settings.trigger, dict(settings.trigger_args))
+            trigger = self.triggers.create(settings.trigger, dict(settings.trigger_args))
             if sites != self.layout.sites or nbuf != self.buffer_samples:
                 self._restart(sites, nbuf)
             else:
@@ -296,7 +297,7 @@ class Readout:
                 info,
                 self.archive.data_dir,
                 self.catalog,
-                self.triggers,
+                trigger,
                 on_counter_error=self.archive.on_counter_error,
                 queue_buffers=self.archive.writer_queue_buffers,
                 opener=self.opener,

@@ -32,7 +32,6 @@ from dtacq_ioc.readout.triggers import (
     Trigger,
     TriggerContext,
     TriggerError,
-    TriggerRegistry,
     Write,
     check_args,
     normalise,
@@ -92,7 +91,8 @@ class RunSettings:
         for ch in self.channel_list:
             if isinstance(ch, bool) or not isinstance(ch, int):
                 raise SettingsError(f"channel_list entries must be integers, not {ch!r}")
-        dupes = sorted({c for c in self.channel_list if self.channel_list.count(c) > 1})
+        seen: set[int] = set()
+        dupes = sorted({c for c in self.channel_list if c in seen or seen.add(c)})  # linear
         if dupes:
             raise SettingsError(f"channel_list repeats channels {dupes}")
         if not isinstance(self.trigger, str) or not self.trigger.isidentifier():
@@ -211,15 +211,14 @@ class Run:
         stream: StreamInfo,
         data_dir: Path,
         catalog: Any,
-        triggers: TriggerRegistry,
+        trigger: Trigger,
         on_counter_error: str = "stop",
         queue_buffers: int = 64,
         opener: Opener | None = None,
         on_state: OnRunState | None = None,
         on_alarm: Callable[[str], None] | None = None,
     ):
-        settings.check()
-        self.settings = settings
+        self.settings = settings  # checked by the caller (Readout.start_run)
         self.stream = stream
         self.catalog = catalog
         self.policy = on_counter_error
@@ -227,7 +226,7 @@ class Run:
         self.on_alarm = on_alarm
         self.channels = settings.channels(stream.channel_map.nchan)
         self.trigger_name = settings.trigger
-        self.trigger: Trigger = triggers.create(settings.trigger, dict(settings.trigger_args))
+        self.trigger = trigger  # built once, from settings.trigger and its arguments
         cmap = stream.channel_map
         self._all_channels = self.channels == tuple(range(cmap.nchan))
         self._idx = np.array(self.channels, dtype=np.intp)

@@ -329,19 +329,28 @@ def trigger_name(cls: type[Trigger]) -> str:
 class TriggerRegistry:
     """Built-in triggers plus those defined in `*.py` files of `trigger_dir`.
 
-    Files are read again on every lookup, so an edited trigger is used by the
-    next run without a restart.
+    A file is imported once, and again only when it changes (size or modification
+    time), so an edited trigger is used by the next run without a restart.
     """
 
     def __init__(self, trigger_dir: Path | None = None):
         self.trigger_dir = trigger_dir
+        self._loaded: tuple[tuple[tuple[str, int, int], ...], dict[str, type[Trigger]], list[str]]
+        self._loaded = ((), {}, [])
 
     def _load_files(self) -> tuple[dict[str, type[Trigger]], list[str]]:
+        if self.trigger_dir is None or not self.trigger_dir.is_dir():
+            return {}, []
+        paths = sorted(self.trigger_dir.glob("*.py"))
+        stamp = tuple((p.name, *_file_stamp(p)) for p in paths)
+        if stamp != self._loaded[0]:
+            self._loaded = (stamp, *self._import_all(paths))
+        return dict(self._loaded[1]), list(self._loaded[2])
+
+    def _import_all(self, paths: list[Path]) -> tuple[dict[str, type[Trigger]], list[str]]:
         found: dict[str, type[Trigger]] = {}
         broken: list[str] = []
-        if self.trigger_dir is None or not self.trigger_dir.is_dir():
-            return found, broken
-        for path in sorted(self.trigger_dir.glob("*.py")):
+        for path in paths:
             try:
                 module = _import_file(path)
             except Exception as exc:
@@ -388,6 +397,14 @@ class TriggerRegistry:
             raise TriggerError(f"trigger {name!r}: bad arguments: {exc}") from None
         except (ValueError, ArithmeticError) as exc:
             raise TriggerError(f"trigger {name!r}: {exc}") from None
+
+
+def _file_stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
 
 
 def _import_file(path: Path) -> ModuleType:

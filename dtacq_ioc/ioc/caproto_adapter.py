@@ -1,0 +1,277 @@
+"""Everything that reaches into caproto's private state, in one place.
+
+caproto 1.3's server gets a few things wrong for EPICS base's own clients, and the
+fan-out of big arrays needs its subscription queues. Each use of a private name is
+here, listed in `PRIVATE_NAMES`, so a caproto upgrade is checked by one test
+(`tests/test_caproto_adapter.py`) and fixed in one file.
+
+What the server here does differently from caproto's own:
+
+- A read that cannot be converted to the type asked for (`caget -d DBR_CTRL_DOUBLE`
+  of a string PV) is answered with a failed-read status, as EPICS base's server does;
+  caproto answers "Internal Failure", which makes libca abort the client.
+- A read waits for a put in progress on the same PV, so `caput` (which reads back
+  right after its put) prints the applied value on its "New :" line.
+- A channel with an array filter (`PV.[0:4]`) reports the filtered element count at
+  connect, so a `caget` gets exactly those elements.
+- A refused put is answered with the refusal's words and logged in one line, at most
+  once per client, PV and reason every `REFUSAL_LOG_INTERVAL_S`; caproto logs a
+  traceback and sends the exception's class name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import caproto
+import caproto as ca
+from caproto.asyncio.server import Context as _AsyncioContext
+from caproto.asyncio.server import VirtualCircuit as _AsyncioCircuit
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_VERSIONS = ("1.3.",)  # caproto releases this module was written and tested for
+REFUSAL_LOG_INTERVAL_S = 60.0
+WRITE_WAIT_S = 30.0  # a read waits at most this long for a put on the same PV
+
+# Private names used below: class attributes, checked at start (`check_caproto`) ...
+PRIVATE_NAMES: dict[str, tuple[str, ...]] = {
+    "caproto.server.common.VirtualCircuit": ("_process_command", "_get_db_entry_from_command"),
+    "caproto.asyncio.server.VirtualCircuit": ("_start_write_task",),
+    "caproto.server.common.Context": ("_subscription_queue_send",),
+    "caproto._data.ChannelData": ("_read",),
+}
+# ... and instance attributes, checked on a live server by tests/test_caproto_adapter.py.
+PRIVATE_INSTANCE_NAMES: dict[str, tuple[str, ...]] = {
+    "circuit": ("write_event", "client"),
+    "pv": ("_queues", "_content"),
+}
+
+ReadConversionErrors = (ca.CaprotoConversionError, ValueError, TypeError, OverflowError)
+
+
+class UnsupportedCaproto(RuntimeError):
+    """The installed caproto is not a version this adapter was written for."""
+
+
+def check_caproto() -> None:
+    """Refuse a caproto this module was not written for, naming what to check."""
+    version = getattr(caproto, "__version__", "unknown")
+    if not version.startswith(SUPPORTED_VERSIONS):
+        raise UnsupportedCaproto(
+            f"caproto {version} is installed, but dtacq_ioc/ioc/caproto_adapter.py was written "
+            f"for {', '.join(v + 'x' for v in SUPPORTED_VERSIONS)}: check the private names it "
+            "uses (PRIVATE_NAMES) against the new caproto, then add the version"
+        )
+    missing = list(missing_private_names())
+    if missing:
+        raise UnsupportedCaproto(
+            f"caproto {version} lacks {', '.join(missing)}, used by caproto_adapter.py"
+        )
+
+
+def missing_private_names() -> Iterator[str]:
+    import importlib
+
+    for owner, names in PRIVATE_NAMES.items():
+        module_name, _, class_name = owner.rpartition(".")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        for name in names:
+            if not hasattr(cls, name):
+                yield f"{owner}.{name}"
+
+
+# -- what the fan-out of big arrays needs --------------------------------------------------
+
+
+def subscription_queues(pv: Any) -> Any:
+    """A PV's subscriptions: queue -> sync filter -> data type name -> subscription specs."""
+    return pv._queues
+
+
+def forget_cached_reads(pv: Any) -> None:
+    """Drop caproto's converted values kept for new subscriptions (the value changed)."""
+    pv._content.clear()
+
+
+async def read_for_subscription(pv: Any, data_type: Any) -> tuple[Any, Any]:
+    """(metadata, values) as caproto sends them to a subscription of `data_type`."""
+    return await pv._read(data_type)
+
+
+async def send_by_caproto(context: Any, spec: Any, sub: Any, **kwargs: Any) -> None:
+    """Hand one subscription's update to caproto's own queue (filters, partial counts)."""
+    await context._subscription_queue_send(spec, sub, **kwargs)
+
+
+def circuit_transport(circuit: Any) -> asyncio.Transport:
+    """The asyncio transport of a server circuit's client socket."""
+    return circuit.client.writer.transport
+
+
+def circuit_writer(circuit: Any) -> asyncio.StreamWriter:
+    return circuit.client.writer
+
+
+# -- puts in progress --------------------------------------------------------------------
+
+
+class WriteTracker:
+    """Mixed into writable PVs: reads of the PV wait while a put to it is carried out.
+
+    The server marks the put begun when the request arrives, before caproto's task for
+    it runs, so a read that follows the put on the same circuit cannot overtake it.
+    """
+
+    def begin_put(self) -> None:
+        self.__dict__.setdefault("_idle", _set_event()).clear()
+
+    def end_put(self) -> None:
+        self.__dict__.setdefault("_idle", _set_event()).set()
+
+    async def wait_for_put(self) -> None:
+        idle: asyncio.Event | None = self.__dict__.get("_idle")
+        if idle is not None and not idle.is_set():
+            # A put stuck longer than that: the client gets the value as it is.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(idle.wait(), WRITE_WAIT_S)
+
+
+def _set_event() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event
+
+
+# -- the server --------------------------------------------------------------------------
+
+
+def refusal_text(exc: BaseException) -> str:
+    """A refused put in words: our own refusals carry them; anything else is named generally."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, ca.CaprotoConversionError | ValueError | TypeError) and not text:
+        return "the value cannot be converted to the PV's type"
+    return text or "the put was refused"
+
+
+class _Circuit(_AsyncioCircuit):  # type: ignore[misc]  # caproto is untyped
+    """One client's connection, answering as EPICS base's server would where caproto differs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._refusals_logged: dict[tuple[str, str], float] = {}
+
+    async def _process_command(self, command: Any) -> Any:
+        if isinstance(command, ca.ReadNotifyRequest | ca.ReadRequest):
+            return await self._read(command)
+        if isinstance(command, ca.WriteRequest | ca.WriteNotifyRequest):
+            return await self._write(command)
+        responses = await super()._process_command(command)
+        if isinstance(command, ca.CreateChanRequest):
+            return [_filtered_count(command, r, self.context) for r in responses]
+        return responses
+
+    async def _read(self, command: Any) -> Any:
+        chan, db_entry = self._get_db_entry_from_command(command)
+        wait = getattr(db_entry, "wait_for_put", None)
+        if wait is not None:
+            await wait()
+        try:
+            return await super()._process_command(command)
+        except ReadConversionErrors:
+            # EPICS base answers so when dbGet cannot convert; libca carries on.
+            log.debug("%s: cannot be read as %s", chan.name, command.data_type)
+            return [
+                ca.ErrorResponse(
+                    command, chan.cid, status=ca.CAStatus.ECA_GETFAIL, error_message="read failed"
+                )
+            ]
+
+    async def _write(self, command: Any) -> list[Any]:
+        chan, db_entry = self._get_db_entry_from_command(command)
+        notify = isinstance(command, ca.WriteNotifyRequest)
+        tracked = isinstance(db_entry, WriteTracker)
+        if tracked:
+            db_entry.begin_put()
+
+        async def carry_out() -> None:
+            try:
+                status = await db_entry.auth_write(
+                    self.client_hostname, self.client_username, command.data,
+                    command.data_type, command.metadata, user_address=self.circuit.address,
+                )  # fmt: skip
+            except Exception as exc:
+                message = refusal_text(exc)
+                self._log_refusal(chan.name, message)
+                await self.send(
+                    ca.ErrorResponse(
+                        command, chan.cid, status=ca.CAStatus.ECA_PUTFAIL, error_message=message
+                    )
+                )
+            else:
+                if notify:
+                    ok = True if status is None else status
+                    await self.send(
+                        chan.write(ioid=command.ioid, status=ok, data_count=db_entry.length)
+                    )
+            finally:
+                if tracked:
+                    db_entry.end_put()
+                self.write_event.set()
+
+        self.write_event.clear()
+        await self._start_write_task(carry_out)
+        return []
+
+    def _log_refusal(self, pvname: str, message: str) -> None:
+        now = time.monotonic()
+        key = (pvname, message)
+        if now - self._refusals_logged.get(key, -REFUSAL_LOG_INTERVAL_S) < REFUSAL_LOG_INTERVAL_S:
+            return
+        if len(self._refusals_logged) > 1000:  # a client trying many values: keep it bounded
+            self._refusals_logged.clear()
+        self._refusals_logged[key] = now
+        host, port = self.circuit.address
+        log.warning("put to %s from %s:%s refused: %s", pvname, host, port, message)
+
+
+def _filtered_count(command: Any, response: Any, context: Any) -> Any:
+    """A CreateChanResponse with the element count an array filter leaves, as EPICS gives."""
+    if not isinstance(response, ca.CreateChanResponse):
+        return response
+    modifiers = ca.parse_record_field(command.name).modifiers
+    if modifiers is None or modifiers.filter_ is None:
+        return response
+    try:
+        arr = ca.parse_channel_filter(modifiers.filter_).arr
+    except ValueError:
+        return response
+    if arr is None:
+        return response
+    count = len(ca.apply_arr_filter(arr, range(response.data_count)))
+    return ca.CreateChanResponse(
+        data_type=response.data_type,
+        data_count=max(count, 1),
+        cid=response.cid,
+        sid=response.sid,
+    )
+
+
+class _Context(_AsyncioContext):  # type: ignore[misc]  # caproto is untyped
+    CircuitClass = _Circuit
+
+
+async def serve(
+    pvdb: dict[str, Any],
+    interfaces: list[str],
+    startup_hook: Callable[[Any], Awaitable[None]] | None = None,
+) -> None:
+    """caproto's asyncio server with this module's circuit; runs until cancelled."""
+    check_caproto()
+    context = _Context(pvdb, interfaces)
+    await context.run(startup_hook=startup_hook)

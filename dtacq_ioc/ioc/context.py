@@ -1,0 +1,111 @@
+"""What the parts of one card's controller share: the card, its readout, its PVs, one lock."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dtacq_ioc.card.errors import CardError
+from dtacq_ioc.config import CardConfig, IocConfig
+from dtacq_ioc.ioc.cardgroup import SiteLayout, Update
+from dtacq_ioc.ioc.pvs import PutRefused
+from dtacq_ioc.readout.run import RunSettings
+
+log = logging.getLogger(__name__)
+
+
+class CardLike(Protocol):
+    """What the controller's parts use of `card.Card`; a test can give a fake."""
+
+    name: str
+    info: Any
+    fixed_clkdiv: bool
+
+    def connect(self) -> Any: ...
+    def close(self) -> None: ...
+    def knob(self, site: int) -> Any: ...
+    def set_clkdiv(self, clkdiv: int) -> None: ...
+    def clkdiv(self) -> int: ...
+    def set_external_clock(self, freq_hz: float | None) -> None: ...
+    def external_clock(self) -> float | None: ...
+    def sysclk_hz(self) -> float: ...
+    def sample_rate_hz(self) -> float: ...
+    def check_sample_rate(self) -> None: ...
+    def set_gain(self, site: int, channel: int, code: int) -> None: ...
+    def set_all_gains(self, site: int, code: int) -> None: ...
+    def gains(self, site: int) -> list[int]: ...
+    def reset_readout(self) -> None: ...
+    def reboot(self) -> None: ...
+
+
+class ReadoutLike(Protocol):
+    """What the controller's parts use of `readout.pipeline.Readout`."""
+
+    run: Any
+    display: Any
+
+    def start(self, sites: tuple[int, ...], buffer_samples: int) -> None: ...
+    def stop(self, timeout: float | None = ..., reason: str = ...) -> None: ...
+    def close(self) -> None: ...
+    def stats(self) -> Any: ...
+    def start_run(self, settings: RunSettings) -> Any: ...
+    def stop_run(self, timeout: float | None = ...) -> Any: ...
+    def refresh_calibration(self) -> None: ...
+
+
+@dataclass
+class CardContext:
+    """One card's shared state. `busy` serialises card operations (settings, runs, actions)."""
+
+    config: CardConfig
+    ioc: IocConfig
+    card: CardLike
+    readout: ReadoutLike
+    sites: list[SiteLayout]
+    publish: Callable[[Update], Awaitable[None]]
+    busy: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_error: str = ""
+    readbacks: dict[str, Any] = field(default_factory=dict)  # what the card said, by suffix
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def connected(self) -> bool:
+        return self.card.info is not None
+
+    def run_active(self) -> bool:
+        run = self.readout.run
+        return run is not None and not run.done
+
+    def error(self, message: str) -> None:
+        """An error of the card's own: logged, and shown in LAST_ERROR."""
+        self.last_error = message
+        log.error("%s", message)
+
+    async def refused(self, message: str) -> None:
+        """A refused put: in LAST_ERROR before the client hears; the CA server logs it."""
+        self.last_error = message
+        await self.publish(Update(values={"LAST_ERROR": message}))
+
+    def refuse(self, message: str) -> PutRefused:
+        return PutRefused(f"{self.name}: {message}")
+
+    def site(self, site: int) -> SiteLayout:
+        for layout in self.sites:
+            if layout.site == site:
+                return layout
+        raise self.refuse(f"no site {site}")
+
+    async def run_on_card(self, what: str, operation: Callable[[], Any]) -> Any:
+        """A card operation on a thread, under the lock; card errors refuse the put."""
+        async with self.busy:
+            try:
+                return await asyncio.to_thread(operation)
+            except (CardError, OSError) as exc:
+                text = str(exc)
+                raise self.refuse(f"{what}: {text}" if self.name not in text else text) from None

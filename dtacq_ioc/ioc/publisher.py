@@ -1,0 +1,302 @@
+"""Publishing a card's PVs at the display rate: state, readbacks, stream and run figures,
+display frames; and the derived waveforms (volts, spectra) made when watched or read.
+
+PVs are written only here and by put handlers, from the asyncio loop, so a slow card
+never stalls Channel Access.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from caproto import AlarmSeverity, AlarmStatus
+
+from dtacq_ioc.contract import NO_YES
+from dtacq_ioc.ioc.cardgroup import CardPVs, SiteLayout, Update
+from dtacq_ioc.ioc.context import CardContext
+from dtacq_ioc.ioc.link import CardLink
+from dtacq_ioc.readout.display import Axes, DisplayStage, Snapshot
+from dtacq_ioc.readout.triggers import TriggerRegistry
+
+log = logging.getLogger(__name__)
+
+RECENT_RUNS = 20
+
+_MAJOR = (AlarmStatus.STATE, AlarmSeverity.MAJOR_ALARM)
+_MINOR = (AlarmStatus.STATE, AlarmSeverity.MINOR_ALARM)
+_OK = (AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)
+_LOST = (AlarmStatus.COMM, AlarmSeverity.INVALID_ALARM)
+_DOWN = (AlarmStatus.COMM, AlarmSeverity.MAJOR_ALARM)  # a true value that needs attention
+
+
+@dataclass(frozen=True)
+class DerivedPV:
+    """A waveform computed from a frame only while watched, or when a client reads it."""
+
+    suffix: str
+    channel: int  # among the card's AI channels
+    spectrum: bool  # else the channel's volts
+
+    def value(self, snap: Snapshot) -> np.ndarray:
+        return snap.spectrum(self.channel) if self.spectrum else snap.volts(self.channel)
+
+
+def derived_pvs(sites: list[SiteLayout]) -> list[DerivedPV]:
+    out = []
+    for layout in sites:
+        for i, col in enumerate(layout.channels):
+            ch = f"{i + 1:02d}"
+            out.append(DerivedPV(f"{layout.site}:AI:WF:{ch}:V", col, spectrum=False))
+            out.append(DerivedPV(f"{layout.site}:AI:SPEC:{ch}", col, spectrum=True))
+    return out
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """The latest published snapshot: derived PVs older than `seq` are refreshed from it."""
+
+    seq: int
+    snap: Snapshot
+    timestamp: float
+
+
+class Publisher:
+    def __init__(
+        self,
+        ctx: CardContext,
+        pvs: CardPVs,
+        link: CardLink,
+        catalog: Any,
+        triggers: TriggerRegistry,
+        data_dir: Path,
+    ):
+        self.ctx = ctx
+        self.pvs = pvs
+        self.link = link
+        self.catalog = catalog
+        self.triggers = triggers
+        self.data_dir = data_dir
+        self._started = time.monotonic()
+        # (display stage, its buffer count) of the last frame published: a new stage after a
+        # reconnect counts from 0 again, so the count alone could match by chance.
+        self._last_frame: tuple[DisplayStage | None, int] = (None, -1)
+        self._run_reported: str | None = None
+        self._frame: _Frame | None = None
+        self._published_axes: Axes | None = None  # what the TB and FREQ PVs show
+        self._derived = derived_pvs(ctx.sites)
+        self._holds: dict[str, int] = {}  # derived PV suffix -> seq of the frame it shows
+        self._refreshing = asyncio.Lock()
+        for item in self._derived:
+            pvs.pv(item.suffix).refresher = partial(self._refresh, item)
+
+    async def publish_triggers(self) -> None:
+        names = await asyncio.to_thread(self.triggers.names)
+        await self.pvs.publish(Update(values={"TRIGGERS": json.dumps(sorted(names))}))
+
+    async def run(self) -> None:
+        period = 1.0 / self.ctx.ioc.display_rate_hz
+        try:
+            await self._publish_recent()
+        except Exception:
+            log.exception("%s: publishing recent runs failed", self.ctx.name)
+        while True:
+            started = time.monotonic()
+            try:
+                await self.publish_once()
+            except Exception:
+                log.exception("%s: publishing PVs failed", self.ctx.name)
+            await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
+
+    async def publish_once(self) -> None:
+        ctx = self.ctx
+        connected = ctx.connected and self.link.state != "DISCONNECTED"
+        state = "RUNNING" if ctx.run_active() and connected else self.link.state
+        upd = Update(link_ok=connected)
+        values = upd.values
+        values.update(
+            STATE=state,
+            CONNECTED=NO_YES[connected],
+            HEARTBEAT=int(time.monotonic() - self._started),
+            LAST_ERROR=ctx.last_error[-4000:],
+        )
+        upd.alarms["STATE"] = _DOWN if not connected else _MAJOR if state == "FAULT" else _OK
+        upd.alarms["CONNECTED"] = _OK if connected else _DOWN
+        if connected:
+            values.update(ctx.readbacks)
+        self._stream_values(upd, connected)
+        self._run_values(upd)
+        snap = None
+        if connected and ctx.readout.display is not None:
+            snap = await self._frame_values(upd)
+        upd.timestamp = time.time()  # when the values are published, after the arithmetic
+        if snap is not None:
+            self._new_frame(snap, upd)
+        await self.pvs.publish(upd)
+        await self._report_finished_run()
+
+    def _stream_values(self, upd: Update, connected: bool) -> None:
+        stats = self.ctx.readout.stats()
+        values = upd.values
+        values["STREAM:MBPS"] = stats.mb_per_s
+        values["STREAM:BUFFERS"] = int(stats.buffers)
+        values["STREAM:SAMPLES"] = float(stats.samples)
+        values["STREAM:COUNTER_ERRORS"] = stats.counter_errors
+        upd.alarms["STREAM:COUNTER_ERRORS"] = (
+            _LOST if not connected else _MINOR if stats.counter_errors else _OK
+        )
+
+    def _run_values(self, upd: Update) -> None:
+        run = self.ctx.readout.run
+        if run is None:
+            return
+        st = run.status()
+        values = upd.values
+        values["RUN:STATE_RBV"] = st["state"]
+        values["RUN:ID_RBV"] = st["run_id"]
+        values["RUN:SAMPLES_RBV"] = float(st["samples"])
+        values["RUN:BYTES_RBV"] = float(st["bytes_written"])
+        values["RUN:FILE_RBV"] = st["current_file"]
+        values["RUN:ERRORS_RBV"] = st["counter_errors"]
+        values["RUN:OVERRUNS_RBV"] = st["overruns"]
+        values["RUN:ELAPSED_RBV"] = float(st["elapsed_s"])
+        values["RUN:FAULT_RBV"] = st["fault"] or ""
+        upd.alarms["RUN:ERRORS_RBV"] = _MAJOR if st["counter_errors"] else _OK
+        upd.alarms["RUN:OVERRUNS_RBV"] = _MAJOR if st["overruns"] else _OK
+        upd.alarms["RUN:STATE_RBV"] = _MAJOR if st["state"] == "FAULT" else _OK
+
+    async def _frame_values(self, upd: Update) -> Snapshot | None:
+        """A new frame's values into `upd`: raw waveforms and statistics always, volts and
+        spectra of watched PVs only (the others are made when read), axes when changed."""
+        display = self.ctx.readout.display
+        assert display is not None
+        wanted = [d for d in self._derived if self.pvs.pv(d.suffix).watched]
+        snap, derived = await asyncio.to_thread(_take_frame, display, wanted, self._last_frame)
+        if (display, snap.updates) == self._last_frame or snap.samples == 0:
+            return None
+        self._last_frame = (display, snap.updates)
+        values = upd.values
+        values["AI:COUNTER"] = float(snap.counter)
+        if snap.axes is not self._published_axes:  # snapshots share them until n or rate change
+            self._published_axes = snap.axes
+            for layout in self.ctx.sites:
+                values[f"{layout.site}:AI:WF:TB"] = snap.timebase_s
+                if len(snap.freq_hz):
+                    values[f"{layout.site}:AI:SPEC:FREQ"] = snap.freq_hz
+        for layout in self.ctx.sites:
+            _site_values(layout, snap, values)
+        values.update(zip((d.suffix for d in wanted), derived, strict=True))
+        return snap
+
+    def _new_frame(self, snap: Snapshot, upd: Update) -> None:
+        """Remember the frame being published and which derived PVs it brings up to date."""
+        assert upd.timestamp is not None
+        seq = self._frame.seq + 1 if self._frame is not None else 1
+        self._frame = _Frame(seq, snap, upd.timestamp)
+        for item in self._derived:
+            if item.suffix in upd.values:
+                self._holds[item.suffix] = seq
+
+    async def _refresh(self, item: DerivedPV) -> None:
+        """Bring a derived PV up to the latest frame; awaited before a client reads it."""
+        async with self._refreshing:  # one at a time: a second reader finds the work done
+            frame = self._frame
+            if frame is None or self._holds.get(item.suffix, 0) >= frame.seq:
+                return
+            value = await asyncio.to_thread(item.value, frame.snap)
+            if self._holds.get(item.suffix, 0) >= frame.seq:
+                return  # a newer frame published it meanwhile (it became watched)
+            self._holds[item.suffix] = frame.seq
+            await self.pvs.publish(Update(values={item.suffix: value}, timestamp=frame.timestamp))
+
+    async def _report_finished_run(self) -> None:
+        run = self.ctx.readout.run
+        if run is None or not run.done or self._run_reported == run.run_id:
+            return
+        st = run.status()
+        result = {
+            "run_id": st["run_id"],
+            "state": st["state"],
+            "fault": st["fault"],
+            "samples": st["samples"],
+            "counter_errors": st["counter_errors"],
+            "overruns": st["overruns"],
+            "files": [_relative(f.path, self.data_dir) for f in run.files],
+        }
+        await self.pvs.publish(Update(values={"RUN:LAST_RESULT": json.dumps(result)}))
+        self._run_reported = run.run_id
+        await self._publish_recent()
+
+    async def _publish_recent(self) -> None:
+        try:
+            records = await asyncio.to_thread(self.catalog.list_runs, RECENT_RUNS, self.ctx.name)
+        except Exception as exc:
+            log.warning("%s: cannot list recent runs: %s", self.ctx.name, exc)
+            return
+        recent = [_run_summary(r, self.data_dir) for r in records]
+        text = json.dumps(recent)
+        while len(text) > 60000 and recent:
+            recent.pop()
+            text = json.dumps(recent)
+        await self.pvs.publish(Update(values={"RUN:RECENT": text}))
+
+
+def _take_frame(
+    display: DisplayStage, wanted: list[DerivedPV], last_frame: tuple[DisplayStage | None, int]
+) -> tuple[Snapshot, list[np.ndarray]]:
+    """On a worker thread: a snapshot and, when it is new, the watched derived values."""
+    snap = display.snapshot()
+    if (display, snap.updates) == last_frame or snap.samples == 0:
+        return snap, []
+    return snap, [d.value(snap) for d in wanted]
+
+
+def _site_values(layout: SiteLayout, snap: Snapshot, values: dict[str, Any]) -> None:
+    """A site's raw waveforms and statistics from a snapshot."""
+    pre = f"{layout.site}:"
+    # Each snapshot's arrays are new, so PVs may keep views of their rows.
+    raw = snap.raw[layout.channels.start : layout.channels.stop]
+    if layout.spec.word_size == 2:
+        raw = raw.astype(np.int16, copy=False)  # 16-bit codes of a data32 stream
+    for i, col in enumerate(layout.channels):
+        ch = f"{i + 1:02d}"
+        values[f"{pre}AI:WF:{ch}"] = raw[i]
+        values[f"{pre}AI:CH:{ch}"] = float(snap.mean[col])
+        values[f"{pre}AI:CH:{ch}:MIN"] = float(snap.minimum[col])
+        values[f"{pre}AI:CH:{ch}:MAX"] = float(snap.maximum[col])
+        values[f"{pre}AI:CH:{ch}:RMS"] = float(snap.rms[col])
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
+def _relative(path: str | Path, data_dir: Path) -> str:
+    """File paths as the bridge serves them under /data/."""
+    try:
+        return str(Path(path).relative_to(data_dir))
+    except ValueError:
+        return Path(path).name
+
+
+def _run_summary(record: Any, data_dir: Path) -> dict[str, Any]:
+    return {
+        "run_id": record.run_id,
+        "name": record.measurement_name,
+        "state": record.state,
+        "started": _iso(record.started),
+        "stopped": _iso(record.stopped),
+        "samples": record.samples,
+        "files": [_relative(f.path, data_dir) for f in record.files],
+        "fault": record.fault,
+    }
