@@ -266,12 +266,16 @@ class _Context(_AsyncioContext):  # type: ignore[misc]  # caproto is untyped
     CircuitClass = _Circuit
 
 
+def make_server(pvdb: dict[str, Any], interfaces: list[str]) -> Any:
+    """caproto's asyncio server context with this module's circuit; `.run()` serves."""
+    check_caproto()
+    return _Context(pvdb, interfaces)
+
+
 async def serve(
     pvdb: dict[str, Any],
     interfaces: list[str],
     startup_hook: Callable[[Any], Awaitable[None]] | None = None,
 ) -> None:
-    """caproto's asyncio server with this module's circuit; runs until cancelled."""
-    check_caproto()
-    context = _Context(pvdb, interfaces)
-    await context.run(startup_hook=startup_hook)
+    """Serve `pvdb` until cancelled; `startup_hook` is awaited once the sockets are bound."""
+    await make_server(pvdb, interfaces).run(startup_hook=startup_hook)
