@@ -110,9 +110,11 @@ def _card_pvs(card: CardConfig, sites: list[SiteLayout], h: Handlers) -> dict:
     clk_hi = min(s.max_clkdiv for s in specs)
     max_buffer = min(s.max_buffer_bytes for s in specs)
     min_buffer = min(max(sample_bytes(sites), MIN_BUFFER_BYTES), max_buffer)
-    st, run = h.settings, h.runs
+    st = h.settings
     p = pvs
     return {
+        **_run_pvs(h.runs),
+        **_stream_pvs(h.actions),
         "STATE": p.enum("STATE", "Card state", CARD_STATES),
         "CONNECTED": p.enum("CONNECTED", "Card link up", NO_YES),
         "HEARTBEAT": p.integer("HEARTBEAT", "IOC heartbeat, +1 per second"),
@@ -145,6 +147,13 @@ def _card_pvs(card: CardConfig, sites: list[SiteLayout], h: Handlers) -> dict:
         # The spad counter is 32 bits unsigned: it passes 2**31, so it is a DOUBLE.
         "AI:COUNTER": p.number("AI:COUNTER", "Spad counter of latest sample", precision=0,
                                alarm_group=LINK),
+    }  # fmt: skip
+
+
+def _run_pvs(run: RunHandlers) -> dict:
+    """Run control and run readbacks."""
+    p = pvs
+    return {
         "RUN:START": p.action("RUN:START", "Start a run", run.start),
         "RUN:STOP": p.action("RUN:STOP", "Stop the run", run.stop),
         "RUN:NAME": p.long_string("RUN:NAME", "Measurement name", put=run.handler("RUN:NAME"),
@@ -181,6 +190,13 @@ def _card_pvs(card: CardConfig, sites: list[SiteLayout], h: Handlers) -> dict:
                                          max_length=16384),
         "RUN:RECENT": p.long_string("RUN:RECENT", "Recent runs (JSON)", max_length=65536),
         "TRIGGERS": p.long_string("TRIGGERS", "Trigger names (JSON)"),
+    }  # fmt: skip
+
+
+def _stream_pvs(actions: ActionHandlers) -> dict:
+    """Stream figures and the card's actions."""
+    p = pvs
+    return {
         "STREAM:MBPS": p.number("STREAM:MBPS", "Stream rate", units="MB/s", precision=2,
                                 alarm_group=LINK),
         "STREAM:BUFFERS": p.integer("STREAM:BUFFERS", "Buffers received", alarm_group=LINK),
@@ -188,8 +204,8 @@ def _card_pvs(card: CardConfig, sites: list[SiteLayout], h: Handlers) -> dict:
         "STREAM:SAMPLES": p.number("STREAM:SAMPLES", "Samples received", precision=0,
                                    alarm_group=LINK),
         "STREAM:COUNTER_ERRORS": p.integer("STREAM:COUNTER_ERRORS", "Counter jumps"),
-        "RESET": p.action("RESET", "Jump-start the readout", h.actions.reset),
-        "REBOOT": p.action("REBOOT", "Reboot the card over SSH", h.actions.reboot),
+        "RESET": p.action("RESET", "Jump-start the readout", actions.reset),
+        "REBOOT": p.action("REBOOT", "Reboot the card over SSH", actions.reboot),
     }  # fmt: skip
 
 
@@ -236,24 +252,32 @@ def _site_pvs(s: SiteLayout, n: int, settings: SettingHandlers) -> dict:
                 put=partial(settings.put_gain, s.site, i + 1),
                 saved=True,
             )
-        wf = f"{pre}AI:WF:{ch}"
-        out[wf] = p.waveform(wf, f"Ch {ch} latest samples, raw", raw_type, n, alarm_group=LINK)
-        # Volts and spectra are computed only while watched or when read (pvs._Derived).
-        out[wf + ":V"] = p.waveform(
-            wf + ":V", f"Ch {ch} latest samples", ChannelType.DOUBLE, n, units="V",
-            precision=5, derived=True, alarm_group=LINK,
-        )  # fmt: skip
-        sp = f"{pre}AI:SPEC:{ch}"
-        out[sp] = p.waveform(
-            sp, f"Ch {ch} amplitude spectrum", ChannelType.DOUBLE, nspec, units="V",
-            precision=6, derived=True, alarm_group=LINK,
-        )  # fmt: skip
-        mean = f"{pre}AI:CH:{ch}"
-        out[mean] = p.number(mean, f"Ch {ch} mean", units="V", precision=5, alarm_group=LINK)
-        for stat, what in (("MIN", "minimum"), ("MAX", "maximum"), ("RMS", "RMS")):
-            out[f"{mean}:{stat}"] = p.number(
-                f"{mean}:{stat}", f"Ch {ch} {what}", units="V", precision=5, alarm_group=LINK
-            )
+        out.update(_channel_pvs(pre, ch, raw_type, n, nspec))
+    return out
+
+
+def _channel_pvs(pre: str, ch: str, raw_type: ChannelType, n: int, nspec: int) -> dict:
+    """One channel's waveforms, spectrum and statistics (all from the card: LINK)."""
+    p = pvs
+    out = {}
+    wf = f"{pre}AI:WF:{ch}"
+    out[wf] = p.waveform(wf, f"Ch {ch} latest samples, raw", raw_type, n, alarm_group=LINK)
+    # Volts and spectra are computed only while watched or when read (pvs._Derived).
+    out[wf + ":V"] = p.waveform(
+        wf + ":V", f"Ch {ch} latest samples", ChannelType.DOUBLE, n, units="V",
+        precision=5, derived=True, alarm_group=LINK,
+    )  # fmt: skip
+    sp = f"{pre}AI:SPEC:{ch}"
+    out[sp] = p.waveform(
+        sp, f"Ch {ch} amplitude spectrum", ChannelType.DOUBLE, nspec, units="V",
+        precision=6, derived=True, alarm_group=LINK,
+    )  # fmt: skip
+    mean = f"{pre}AI:CH:{ch}"
+    out[mean] = p.number(mean, f"Ch {ch} mean", units="V", precision=5, alarm_group=LINK)
+    for stat, what in (("MIN", "minimum"), ("MAX", "maximum"), ("RMS", "RMS")):
+        out[f"{mean}:{stat}"] = p.number(
+            f"{mean}:{stat}", f"Ch {ch} {what}", units="V", precision=5, alarm_group=LINK
+        )
     return out
 
 

@@ -70,7 +70,7 @@ class Message:
 
 def _byte_view(data: Any) -> memoryview:
     if isinstance(data, np.ndarray):
-        return memoryview(np.ascontiguousarray(data).view(np.uint8))
+        return memoryview(np.ascontiguousarray(data).view(np.uint8).data)
     return memoryview(bytes(data))
 
 

@@ -87,11 +87,15 @@ class _Checked(WriteTracker):
         try:
             if data_type == ChannelType.STRING and self.data_type not in _TEXT_TYPES:
                 # Text put to a number or enum: read it as EPICS base does ("12.7" -> 12).
-                return await self.write(_parse_text(self, data), flags=kwargs.get("flags", 0))
+                return await self.write(  # type: ignore[attr-defined]  # caproto's ChannelData
+                    _parse_text(self, data), flags=kwargs.get("flags", 0)
+                )
             if data_type == ChannelType.CHAR and not bytes(data).strip(b"\x00"):
                 # caproto 1.3 cannot put empty text to a CHAR array; clearing a text is fine.
-                return await self.write("", flags=kwargs.get("flags", 0))
-            result = await super().write_from_dbr(data, data_type, metadata, *args, **kwargs)
+                return await self.write("", flags=kwargs.get("flags", 0))  # type: ignore[attr-defined]
+            result = await super().write_from_dbr(  # type: ignore[misc]  # caproto's ChannelData
+                data, data_type, metadata, *args, **kwargs
+            )
         except PutRefused as exc:
             await self._refused(str(exc))
             raise

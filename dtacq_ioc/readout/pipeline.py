@@ -22,6 +22,7 @@ from dtacq_ioc.card.stream import StreamClient
 from dtacq_ioc.config import ArchiveConfig, IocConfig
 from dtacq_ioc.contract import StreamLayout
 from dtacq_ioc.readout.display import DisplayStage
+from dtacq_ioc.readout.guarded import call_guarded
 from dtacq_ioc.readout.integrity import CounterCheck
 from dtacq_ioc.readout.run import Run, RunSettings, SettingsError, StreamInfo
 from dtacq_ioc.readout.transform import ChannelMap, SiteChannels
@@ -46,6 +47,43 @@ class ReadoutStats:
     counter_errors: int
     mb_per_s: float  # over the last second or so
     uptime_s: float  # since the stream was opened
+
+
+class StreamCounters:
+    """Buffers, samples, bytes and rate of one opened stream (written by its reader thread)."""
+
+    def __init__(self, errors_at_start: int):
+        self.buffers = 0
+        self.samples = 0
+        self.bytes = 0
+        self.errors_at_start = errors_at_start
+        self.opened = self.last_buffer = time.monotonic()
+        self._window = (self.opened, 0)
+        self._rate = 0.0
+
+    def count(self, samples: int, nbytes: int) -> None:
+        self.buffers += 1
+        self.samples += samples
+        self.bytes += nbytes
+        now = self.last_buffer = time.monotonic()
+        t0, b0 = self._window
+        if now - t0 >= RATE_WINDOW_S:
+            self._rate = (self.bytes - b0) / (now - t0) / 1e6
+            self._window = (now, self.bytes)
+
+    def stats(self, state: str, reason: str, errors: int) -> ReadoutStats:
+        now = time.monotonic()
+        rate = self._rate if now - self.last_buffer < 2 * RATE_WINDOW_S else 0.0
+        return ReadoutStats(
+            state=state,
+            reason=reason,
+            buffers=self.buffers,
+            samples=self.samples,
+            bytes=self.bytes,
+            counter_errors=errors - self.errors_at_start,
+            mb_per_s=rate,
+            uptime_s=now - self.opened,
+        )
 
 
 class Readout:
@@ -85,17 +123,7 @@ class Readout:
         self._state = "stopped"
         self._reason = ""
         self._lock = threading.RLock()
-        self._reset_counters()
-
-    def _reset_counters(self) -> None:
-        self._buffers = 0
-        self._samples = 0
-        self._bytes = 0
-        self._errors_at_start = self._check.errors
-        self._opened = time.monotonic()
-        self._window = (self._opened, 0)
-        self._rate = 0.0
-        self._last_buffer = self._opened
+        self._counters = StreamCounters(self._check.errors)
 
     # -- stream ---------------------------------------------------------------------------
 
@@ -120,7 +148,7 @@ class Readout:
             self.display = DisplayStage(
                 self.channel_map, self.ioc.display_samples, self.sample_rate_hz
             )
-            self._reset_counters()
+            self._counters = StreamCounters(self._check.errors)
             self._generation += 1
             generation = self._generation
             flush = min(1.0, max(0.05, 1.0 / self.ioc.display_rate_hz))
@@ -137,12 +165,8 @@ class Readout:
             except Exception as exc:
                 self._set_state("stopped", str(exc))
                 raise
-            log.info(
-                "%s: streaming sites %s, %d samples per buffer",
-                self.card.name,
-                layout.sites,
-                self.buffer_samples,
-            )
+            what = f"sites {layout.sites}, {self.buffer_samples} samples per buffer"
+            log.info("%s: streaming %s", self.card.name, what)
 
     def stop(self, timeout: float = 10.0, reason: str = "") -> None:
         """Stop the stream; an active run ends with what it has (a fault when `reason`)."""
@@ -180,15 +204,7 @@ class Readout:
     def _on_buffer(self, samples: np.ndarray) -> None:
         gaps = self._check.check(samples["spad"][:, 0])
         n = len(samples)
-        self._buffers += 1
-        self._samples += n
-        self._bytes += samples.nbytes
-        now = time.monotonic()
-        self._last_buffer = now
-        t0, b0 = self._window
-        if now - t0 >= RATE_WINDOW_S:
-            self._rate = (self._bytes - b0) / (now - t0) / 1e6
-            self._window = (now, self._bytes)
+        self._counters.count(n, samples.nbytes)
         display = self.display
         if display is not None:
             display.update(samples["ai"], int(samples["spad"][-1, 0]) if n else 0)
@@ -212,32 +228,13 @@ class Readout:
 
     def _set_state(self, state: str, reason: str) -> None:
         self._state, self._reason = state, reason
-        if self.on_state is not None:
-            try:
-                self.on_state(self.stats())
-            except Exception:
-                log.exception("%s: on_state callback failed", self.card.name)
+        call_guarded(self.on_state, self.stats(), what=f"{self.card.name}: stream state")
 
     def _alarm(self, message: str) -> None:
-        if self.on_alarm is not None:
-            try:
-                self.on_alarm(message)
-            except Exception:
-                log.exception("%s: on_alarm callback failed", self.card.name)
+        call_guarded(self.on_alarm, message, what=f"{self.card.name}: alarm")
 
     def stats(self) -> ReadoutStats:
-        now = time.monotonic()
-        rate = self._rate if now - self._last_buffer < 2 * RATE_WINDOW_S else 0.0
-        return ReadoutStats(
-            state=self._state,
-            reason=self._reason,
-            buffers=self._buffers,
-            samples=self._samples,
-            bytes=self._bytes,
-            counter_errors=self._check.errors - self._errors_at_start,
-            mb_per_s=rate,
-            uptime_s=now - self._opened,
-        )
+        return self._counters.stats(self._state, self._reason, self._check.errors)
 
     @property
     def streaming(self) -> bool:
@@ -276,22 +273,7 @@ class Readout:
                 self._calibrate()
                 assert self.display is not None and self.channel_map is not None
                 self.display.set_calibration(self.channel_map, self.sample_rate_hz)
-            assert self.layout is not None and self.channel_map is not None
-            labels = self.card.config.gain_labels
-            info = StreamInfo(
-                card=self.card.name,
-                host=self.card.config.host,
-                sample_rate_hz=self.sample_rate_hz,
-                channel_map=self.channel_map,
-                word_size=self.layout.word_size,
-                gains=dict(self.gains),
-                gain_labels={
-                    s: labels[self.card.site_info(s).spec.name]
-                    for s in self.layout.sites
-                    if self.card.site_info(s).spec.name in labels
-                },
-                buffer_samples=self.buffer_samples,
-            )
+            info = self._stream_info()
             run = Run(
                 settings,
                 info,
@@ -311,6 +293,25 @@ class Readout:
                 run.stream_ended(self._reason)
             return run
 
+    def _stream_info(self) -> StreamInfo:
+        """What a run's header says of the stream it taps."""
+        assert self.layout is not None and self.channel_map is not None
+        labels = self.card.config.gain_labels
+        return StreamInfo(
+            card=self.card.name,
+            host=self.card.config.host,
+            sample_rate_hz=self.sample_rate_hz,
+            channel_map=self.channel_map,
+            word_size=self.layout.word_size,
+            gains=dict(self.gains),
+            gain_labels={
+                s: labels[self.card.site_info(s).spec.name]
+                for s in self.layout.sites
+                if self.card.site_info(s).spec.name in labels
+            },
+            buffer_samples=self.buffer_samples,
+        )
+
     def _restart(self, sites: tuple[int, ...], buffer_samples: int) -> None:
         stream, self._stream = self._stream, None
         self._generation += 1  # the old stream's end is expected: ignore it
@@ -329,11 +330,7 @@ class Readout:
         return run
 
     def _run_state(self, run: Run) -> None:
-        if self.on_run is not None:
-            try:
-                self.on_run(run)
-            except Exception:
-                log.exception("%s: on_run callback failed", self.card.name)
+        call_guarded(self.on_run, run, what=f"{self.card.name}: run state")
 
     def close(self) -> None:
         self.stop_run()

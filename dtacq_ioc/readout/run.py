@@ -23,6 +23,7 @@ import numpy as np
 
 from dtacq_ioc.archive.dig import LEGACY_FIELDS, Opener, file_date, safe_path
 from dtacq_ioc.archive.records import RunFile, RunRecord
+from dtacq_ioc.readout.guarded import call_guarded
 from dtacq_ioc.readout.integrity import COUNTER_MODULUS, Gap
 from dtacq_ioc.readout.transform import ChannelMap, Downsampler
 from dtacq_ioc.readout.triggers import (
@@ -363,18 +364,10 @@ class Run:
 
     def _set_state(self, state: RunState) -> None:
         self.state = state
-        if self.on_state is not None:
-            try:
-                self.on_state(self)
-            except Exception:
-                log.exception("run %s: on_state callback failed", self.run_id)
+        call_guarded(self.on_state, self, what=f"run {self.run_id}: state")
 
     def _alarm(self, message: str) -> None:
-        if self.on_alarm is not None:
-            try:
-                self.on_alarm(message)
-            except Exception:
-                log.exception("run %s: on_alarm callback failed", self.run_id)
+        call_guarded(self.on_alarm, message, what=f"run {self.run_id}: alarm")
 
     def _catalog_call(self, method: str, record: RunRecord) -> None:
         try:
