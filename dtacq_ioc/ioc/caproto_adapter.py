@@ -162,10 +162,6 @@ def refusal_text(exc: BaseException) -> str:
 class _Circuit(_AsyncioCircuit):  # type: ignore[misc]  # caproto is untyped
     """One client's connection, answering as EPICS base's server would where caproto differs."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._refusals_logged: dict[tuple[str, str], float] = {}
-
     async def _process_command(self, command: Any) -> Any:
         if isinstance(command, ca.ReadNotifyRequest | ca.ReadRequest):
             return await self._read(command)
@@ -229,15 +225,30 @@ class _Circuit(_AsyncioCircuit):  # type: ignore[misc]  # caproto is untyped
         return []
 
     def _log_refusal(self, pvname: str, message: str) -> None:
+        host, port = self.circuit.address
+        self.context.refusals.log(pvname, message, f"{host}:{port}")
+
+
+class RefusalLog:
+    """One log line per PV and reason a minute, from whichever client: none can flood it."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], float] = {}
+        self._quiet: dict[tuple[str, str], int] = {}  # refusals not logged since the last line
+
+    def log(self, pvname: str, message: str, client: str) -> None:
         now = time.monotonic()
         key = (pvname, message)
-        if now - self._refusals_logged.get(key, -REFUSAL_LOG_INTERVAL_S) < REFUSAL_LOG_INTERVAL_S:
+        if now - self._last.get(key, -REFUSAL_LOG_INTERVAL_S) < REFUSAL_LOG_INTERVAL_S:
+            self._quiet[key] = self._quiet.get(key, 0) + 1
             return
-        if len(self._refusals_logged) > 1000:  # a client trying many values: keep it bounded
-            self._refusals_logged.clear()
-        self._refusals_logged[key] = now
-        host, port = self.circuit.address
-        log.warning("put to %s from %s:%s refused: %s", pvname, host, port, message)
+        if len(self._last) > 1000:  # clients trying many values: keep the memory bounded
+            self._last.clear()
+            self._quiet.clear()
+        self._last[key] = now
+        quiet = self._quiet.pop(key, 0)
+        more = f" (and {quiet} times more since the last report)" if quiet else ""
+        log.warning("put to %s from %s refused: %s%s", pvname, client, message, more)
 
 
 def _filtered_count(command: Any, response: Any, context: Any) -> Any:
@@ -264,6 +275,10 @@ def _filtered_count(command: Any, response: Any, context: Any) -> Any:
 
 class _Context(_AsyncioContext):  # type: ignore[misc]  # caproto is untyped
     CircuitClass = _Circuit
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refusals = RefusalLog()
 
 
 def make_server(pvdb: dict[str, Any], interfaces: list[str]) -> Any:

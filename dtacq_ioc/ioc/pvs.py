@@ -90,6 +90,9 @@ class _Checked(WriteTracker):
                 return await self.write(  # type: ignore[attr-defined]  # caproto's ChannelData
                     _parse_text(self, data), flags=kwargs.get("flags", 0)
                 )
+            if self.data_type == ChannelType.ENUM and len(data):
+                # caproto fails converting an index past the states: say so in words first.
+                _check_value(self, int(data[0]))
             if data_type == ChannelType.CHAR and not bytes(data).strip(b"\x00"):
                 # caproto 1.3 cannot put empty text to a CHAR array; clearing a text is fine.
                 return await self.write("", flags=kwargs.get("flags", 0))  # type: ignore[attr-defined]
@@ -111,6 +114,9 @@ class _Checked(WriteTracker):
         return await super().verify_value(value)  # type: ignore[misc]
 
     async def _refused(self, message: str) -> None:
+        """The written PV alone goes WRITE/MAJOR (as caproto marks a refusal it makes)."""
+        alarm = self.alarm  # type: ignore[attr-defined]  # caproto's ChannelAlarm
+        await alarm.write(status=AlarmStatus.WRITE, severity=AlarmSeverity.MAJOR_ALARM)
         sink: RefusalSink | None = getattr(self.group, "refusal_sink", None)
         if sink is not None:
             await sink(message)

@@ -1,0 +1,88 @@
+"""Puts as Channel Access clients make them: each refusal in words and alone, each
+accepted put complete before the client hears, and no client able to flood the log."""
+
+from __future__ import annotations
+
+import epics
+import pytest
+from caproto import AlarmSeverity, AlarmStatus, ChannelType, ErrorResponseReceived
+from caproto.sync.client import read as ca_read
+from caproto.sync.client import write as ca_write
+from ioc_support import castr, ioc_process, ioc_toml, new_prefix
+from support import output
+
+
+@pytest.fixture
+def ioc(tmp_path, loopback):
+    prefix = new_prefix()
+    with ioc_process(ioc_toml(tmp_path, loopback, prefix), prefix, loopback) as running_ioc:
+        yield running_ioc
+
+
+def _alarm(name: str) -> tuple[AlarmStatus, AlarmSeverity]:
+    md = ca_read(name, data_type=ChannelType.TIME_STRING, timeout=10)  # any type reads so
+    return AlarmStatus(md.metadata.status), AlarmSeverity(md.metadata.severity)
+
+
+def _message(err: ErrorResponseReceived) -> str:
+    """The refusal's words, as a client's error message shows them."""
+    return bytes(err.args[0].error_message).rstrip(b"\0").decode()
+
+
+def test_a_put_completes_with_the_readback_published(ioc):
+    ca_write(ioc.pv("CLKDIV"), 250, notify=True, timeout=20)
+    # No waiting: the put answered only once the card had it and the readback was read.
+    assert ca_read(ioc.pv("CLKDIV_RBV"), timeout=10).data[0] == 250
+    assert ca_read(ioc.pv("CLKDIV"), timeout=10).data[0] == 250
+    assert ca_read(ioc.pv("SAMPLE_RATE_RBV"), timeout=10).data[0] == pytest.approx(400000.0)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "value", "reason"),
+    [
+        ("CLKDIV", 3, "3 is outside 50..65535"),
+        ("EXT_CLOCK", 5, "5 is not a state index 0..1 (Internal, External)"),
+        ("RUN:SAVE", 2, "2 is not a state index 0..1 (No, Yes)"),
+        ("EXT_CLOCK_FREQ", float("nan"), "nan is not a finite number"),
+        ("RUN:CHANNELS", "0-100000", "'0-100000' is not within the channels 0..15"),
+        ("RUN:CHANNELS", "1,1", "channel 1 is listed twice"),
+        ("RUN:TRIGGER_ARGS", "[1]", "must be a JSON object"),
+        ("RUN:TRIGGER", "nope", "unknown trigger 'nope'"),
+    ],
+)
+def test_a_refused_put_names_pv_value_and_reason_and_alarms_only_that_pv(
+    ioc, suffix, value, reason
+):
+    with pytest.raises(ErrorResponseReceived) as err:
+        ca_write(ioc.pv(suffix), value, notify=True, timeout=20)
+    assert reason in _message(err.value)
+    last = castr(ioc.pv("LAST_ERROR"))  # set before the client heard of the refusal
+    assert reason in last and suffix in last and "\n" not in last
+    for word in ("Error", "Exception", "Traceback"):
+        assert word not in last
+    assert _alarm(ioc.pv(suffix)) == (AlarmStatus.WRITE, AlarmSeverity.MAJOR_ALARM)
+    for other in ("STATE", "HEARTBEAT", "HOST", "CLKDIV_RBV", "RUN:STATE_RBV", "BUFFER_SIZE"):
+        if other != suffix:
+            assert _alarm(ioc.pv(other))[1] == AlarmSeverity.NO_ALARM, other
+    # The value was never stored; every PV still reads.
+    assert ca_read(ioc.pv(suffix), timeout=10) is not None
+
+
+def test_a_good_put_clears_the_write_alarm(ioc):
+    with pytest.raises(ErrorResponseReceived):
+        ca_write(ioc.pv("RUN:DOWNSAMPLE"), 0, notify=True, timeout=20)
+    assert _alarm(ioc.pv("RUN:DOWNSAMPLE"))[1] == AlarmSeverity.MAJOR_ALARM
+    ca_write(ioc.pv("RUN:DOWNSAMPLE"), 4, notify=True, timeout=20)
+    assert _alarm(ioc.pv("RUN:DOWNSAMPLE")) == (AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)
+
+
+def test_a_thousand_refusals_add_a_few_log_lines_and_no_traceback(ioc):
+    before = len(output(ioc.proc).splitlines())
+    pv = epics.PV(ioc.pv("CLKDIV"), auto_monitor=False)
+    assert pv.wait_for_connection(timeout=10)
+    for _ in range(1000):
+        pv.put(1, wait=True, timeout=10)  # refused: below the lower limit; answered each time
+    added = output(ioc.proc).splitlines()[before:]
+    assert len([line for line in added if "refused" in line]) <= 3, added[:10]
+    assert not [line for line in added if "Traceback" in line]
+    assert len(added) <= 10, added[:20]
