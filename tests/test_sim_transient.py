@@ -66,6 +66,7 @@ def test_a_soft_triggered_shot_serves_every_word_the_signals_give(card, loopback
         assert k.value("raw_data_size") == "0"  # demuxed on the card
     with Knobs(loopback, 1) as k1:
         assert k1.value("shot") == "1"
+        assert k1.value("ch_data_size") == str(2 * post)  # bytes per demuxed channel
     table = signal_table(card)
     raw = np.frombuffer(shot_bytes(loopback), dtype=stream_dtype(card))
     assert len(raw) == post

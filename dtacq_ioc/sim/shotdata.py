@@ -62,7 +62,7 @@ class ShotData:
             return out.sent
 
     def send_channel(self, conn: socket.socket, channel: int, limit: int) -> int:
-        """Channel `channel` (1-based); False if the shot has no such channel."""
+        """Channel `channel`'s words (1-based over the aggregated AI channels)."""
         with self._lock:
             column = self._columns.get(channel)
             if column is None:
