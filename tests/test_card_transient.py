@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from card_helpers import card_config, connected, simulated
 from sim_helpers import signal_table
+from support import random_loopback, sim_card_toml, write_config
 
+from dtacq_ioc.card.card import Card
 from dtacq_ioc.card.errors import SettingRefused
 from dtacq_ioc.card.transient import (
     ShotError,
@@ -14,7 +18,9 @@ from dtacq_ioc.card.transient import (
     TransientSettings,
     TransientStatus,
     TriggerSource,
+    arm_together,
 )
+from dtacq_ioc.config import load_config
 
 TIMEOUT = 10.0
 
@@ -181,3 +187,38 @@ def test_a_card_lost_mid_shot_fails_the_shot_and_the_console_comes_back(rig):
     assert mon.wait_for(lambda: mon.connected, TIMEOUT)
     assert links[:3] == [True, False, True]
     assert tr.status.state is ShotState.IDLE
+
+
+def test_cards_armed_together_followers_first_with_a_common_shot_number(tmp_path, loopback):
+    other = random_loopback()
+    config = load_config(
+        write_config(tmp_path, sim_card_toml("A", loopback) + sim_card_toml("B", other))
+    )
+    armed: dict[str, float] = {}
+
+    def note(name):
+        def on_status(status):
+            if status.state is ShotState.ARM:
+                armed.setdefault(name, time.monotonic())
+
+        return on_status
+
+    with simulated(config):
+        cards = [Card(c) for c in config.cards]
+        try:
+            for card in cards:
+                card.connect()
+            master, follower = (c.transient(on_status=note(c.name)) for c in cards)
+            master.configure(TransientSettings(post=2000))
+            follower.configure(TransientSettings(post=2000, trigger=TriggerSource(0)))
+            for t in (master, follower):
+                t.set_shot(41)
+            arm_together([follower], master, TIMEOUT)
+            assert armed["B"] < armed["A"]
+            master.soft_trigger()
+            cards[1].knob(0).set("SIM:EXT_TRIGGER", "d0")  # the trigger as B's front panel sees it
+            shots = [t.wait_done(TIMEOUT) and t.read_shot() for t in (master, follower)]
+            assert [s.shot for s in shots] == [42, 42]
+        finally:
+            for card in cards:
+                card.close()

@@ -19,7 +19,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -465,6 +465,13 @@ class Transient:
     def soft_trigger(self) -> None:
         self.card.knob(SYSTEM_SITE).set("soft_trigger", 1)
 
+    def set_shot(self, number: int) -> None:
+        """Set the card's shot counter (the next shot is number + 1), as HAPI does on
+        site 1 before a shot, so that cards armed together count alike."""
+        layout = self.layout or self.card.layout
+        site = layout.sites[0] if layout is not None else self.card.ai_sites()[0]
+        self.card.knob(site).set("shot", number)
+
     def abort(self) -> None:
         self.card.knob(SYSTEM_SITE).set("set_abort", 1)
 
@@ -583,6 +590,13 @@ class Transient:
 
     def close(self) -> None:
         self.monitor.stop()
+
+
+def arm_together(followers: Sequence[Transient], trigger: Transient, timeout: float) -> None:
+    """Arm cards that share one trigger: every follower armed (ARM seen) before the card
+    that holds the trigger, as D-TACQ's host API orders it, so none misses the edge."""
+    for t in (*followers, trigger):
+        t.arm(timeout)
 
 
 def parse_transient(text: str) -> dict[str, int]:
