@@ -59,7 +59,7 @@ class SimCard:
         }
         for site, s in st.sites.items():
             self.tables[site] = build_module_knobs(st, s)
-        services = [self._knob_service(site, port) for site, port in self.knob_ports.items()]
+        services: list[TcpService] = []
         # Shot data: 53000 raw, 53000+ch per AI channel (as many as every site could give).
         for ch in range(sum(s.spec.nchan for s in st.sites.values()) + 1):
             services.append(
@@ -80,6 +80,8 @@ class SimCard:
         status.handler = lambda conn: self._status(conn, status)
         services.append(status)
         services.append(self.ssh.service())
+        # Knobs last: a card whose knobs answer has every port up (tests wait on a knob port).
+        services += [self._knob_service(site, port) for site, port in self.knob_ports.items()]
         started: list[TcpService] = []
         try:
             for service in services:

@@ -243,7 +243,7 @@ def build_system_knobs(
         if on and st.shot_busy:
             raise KnobRejected("ERROR: CONTINUOUS: a transient shot is armed (set_abort first)")
         st.continuous = on
-        st.set_state(STREAM_RUN if on else IDLE)
+        st.stream_state(STREAM_RUN if on else IDLE)  # an armed shot keeps its state
         return ""
 
     t.add(
@@ -289,7 +289,7 @@ def add_site_scripts(t: KnobTable, site_table: Callable[[int], KnobTable | None]
     """The card's get.site / set.site scripts: another site's knob, asked from site 0."""
 
     def usage(script: str) -> str:
-        return f"ERROR: {script}: usage {script} SITE KNOB" + (" VALUE" if script[0] == "s" else "")
+        return f"ERROR: {script}: usage {script} SITE KNOB" + (" VALUE" * (script == "set.site"))
 
     def forward(script: str, value: str, setting: bool) -> str:
         parts = value.split(None, 1)

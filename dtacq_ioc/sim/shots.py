@@ -131,7 +131,7 @@ class ShotControl:
             self._gen += 1
             self._listen = None
             self._cond.notify_all()
-            if st.shot_busy or st.state != IDLE:
+            if st.shot_busy:  # a stream's state is the stream's own
                 st.shot_busy = False
                 st.set_state(IDLE)
         return ""
@@ -140,7 +140,7 @@ class ShotControl:
         """The card goes down (stop or reboot): end any shot without a state change."""
         with self.state.lock:
             self._gen += 1
-            self._listen = None
+            self._listen = self._fired = None
             self._cond.notify_all()
             thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
