@@ -146,6 +146,8 @@ def test_abort_at_any_point_and_the_never_triggering_shot(card, loopback):
         k.set("soft_trigger", 1)
         k.set("SIM:EXT_TRIGGER", 0)
         assert k.value("TRANS_ACT:STATE") == "TRANS_ACT:STATE ARM"  # still waiting
+        assert k.ask("SIM:EXT_TRIGGER=d9") == "ERROR: SIM:EXT_TRIGGER: 'd9' is not dN[,edge]"
+        assert k.ask("SIM:EXT_TRIGGER=2,3") == "ERROR: SIM:EXT_TRIGGER: edge 3 is not 0 or 1"
         k.ask("set_abort")
         status.until(IDLE)
 
