@@ -96,6 +96,48 @@ class Knobs:
         return [p.decode() for p in parts[:n]]
 
 
+class StatusLines:
+    """The 2235 console: CRLF-terminated 'state pre post elapsed extra' lines."""
+
+    def __init__(self, host: str):
+        self.sock = socket.create_connection((host, 2235), timeout=TIMEOUT)
+        self.buf = b""
+
+    def next(self) -> list[int]:
+        while b"\r\n" not in self.buf:
+            data = self.sock.recv(4096)
+            if not data:
+                raise EOFError("status console closed")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return [int(f) for f in line.split()]
+
+    def until(self, state: int) -> list[int]:
+        """Lines up to the first one in `state` (progress lines repeat a state)."""
+        while True:
+            fields = self.next()
+            if fields[0] == state:
+                return fields
+
+    def states(self, n: int) -> list[int]:
+        """The next n distinct states (lines repeating the last state are skipped)."""
+        out: list[int] = []
+        while len(out) < n:
+            state = self.next()[0]
+            if not out or out[-1] != state:
+                out.append(state)
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> StatusLines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def stream_dtype(card: SimCard) -> np.dtype:
     st = card.state
     fields = [(f"s{s.site}", s.dtype, (s.spec.nchan,)) for s in st.stream_sites()]

@@ -9,29 +9,17 @@ import sys
 
 import paramiko
 import pytest
-from sim_helpers import TIMEOUT, Knobs, recv_all, recv_exact, sim_card, wait_refused
+from sim_helpers import (
+    TIMEOUT,
+    Knobs,
+    StatusLines,
+    recv_all,
+    recv_exact,
+    sim_card,
+    wait_refused,
+)
 from support import ROOT, child_env, free_port, output, sim_card_toml, sim_process, wait_for_port
 from support import write_config as write_test_config
-
-
-class StatusLines:
-    """The 2235 console: CRLF-terminated 'state pre post elapsed extra' lines."""
-
-    def __init__(self, host: str):
-        self.sock = socket.create_connection((host, 2235), timeout=TIMEOUT)
-        self.buf = b""
-
-    def next(self) -> list[int]:
-        while b"\r\n" not in self.buf:
-            data = self.sock.recv(4096)
-            if not data:
-                raise EOFError("status console closed")
-            self.buf += data
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return [int(f) for f in line.split()]
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
@@ -59,12 +47,12 @@ def test_transient_shot_walks_the_states(card, loopback):
     try:
         assert status.next()[0] == 0
         with Knobs(loopback, 0) as k:
-            k.set("transient", "PRE=0 POST=50000")
+            k.set("transient", "PRE=0 POST=50000 SOFT_TRIGGER=0")
             assert k.ask("set_arm") == ""  # the bare name executes
-            assert status.next() == [1, 0, 50000, 0, 0]
+            assert status.next() == [1, 0, 50000, 0, 1]  # ARM, demux on
             assert k.value("TRANS_ACT:STATE") == "TRANS_ACT:STATE ARM"
             k.set("soft_trigger", 1)
-            assert [status.next()[0] for _ in range(3)] == [3, 4, 0]  # RUN_POST, POST_PROCESS
+            assert status.states(3) == [3, 4, 0]  # RUN_POST, POST_PROCESS, IDLE
             assert k.value("shot") == "1"
             k.ask("set_arm")
             assert status.next()[0] == 1

@@ -19,6 +19,7 @@ from dtacq_ioc.card.knobs import KnobClient
 from dtacq_ioc.card.models import SPAD_SETTING, ModuleSpec
 from dtacq_ioc.card.ssh import SshClient
 from dtacq_ioc.card.stream import OnBuffer, OnEnd, StreamClient
+from dtacq_ioc.card.transient import OnLink, OnStatus, Transient
 from dtacq_ioc.config import CardConfig
 from dtacq_ioc.contract import StreamLayout
 
@@ -86,6 +87,7 @@ class Card:
         self._streams: list[StreamClient] = []
         self._lock = threading.Lock()
         self._ext_clock_hz: float | None = None  # what the operator said the clock runs at
+        self._transient: Transient | None = None
 
     def __repr__(self) -> str:
         return f"Card({self.name!r}, {self.config.host})"
@@ -188,7 +190,19 @@ class Card:
         for stream in list(self._streams):
             stream.stop()
         self._streams.clear()
+        if self._transient is not None:
+            self._transient.close()
+            self._transient = None
         self._close_knobs()
+
+    def transient(
+        self, on_status: OnStatus | None = None, on_link: OnLink | None = None
+    ) -> Transient:
+        """The card's transient shots (one per card; the callbacks of the first call stay)."""
+        with self._lock:
+            if self._transient is None:
+                self._transient = Transient(self, on_status, on_link)
+            return self._transient
 
     def _close_knobs(self) -> None:
         with self._lock:

@@ -49,6 +49,12 @@ HEADER_KEYS = frozenset(LEGACY_FIELDS) | {
     "first_counter",
     "type",
     "logitems",
+    # transient shots (readout/shot.py)
+    "pre",
+    "post",
+    "shot",
+    "trigger",
+    "trigger_index",
 }
 MAX_LOGITEMS = 64
 
@@ -200,6 +206,58 @@ class ChannelView(Mapping[int, np.ndarray]):
         return self._map.nchan
 
 
+def tell_catalog(catalog: Any, method: str, record: RunRecord) -> None:
+    """catalog.<method>(record), logging a failure (the catalog spools what it can't deliver,
+    so a failure here is a bug to see, not a reason to lose the run)."""
+    try:
+        getattr(catalog, method)(record)
+    except Exception:
+        log.exception("run %s: catalog %s failed", record.run_id, method)
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+
+def run_header(
+    settings: RunSettings,
+    stream: StreamInfo,
+    channels: tuple[int, ...],
+    byte_depth: int,
+    date: str,
+    run_id: str,
+) -> dict[str, Any]:
+    """The .dig header of a run (logitems at top level, as the old system wrote them)."""
+    s, st, cmap = settings, stream, stream.channel_map
+    first_site = cmap.sites[0]
+    is_float = s.downsample > 1
+    # Downsampled files hold means of ADC codes: the shift is already applied.
+    shift = 0 if is_float else cmap.channel_shift(channels[0])
+    labels = st.gain_labels.get(first_site.site, first_site.spec.gain_labels)
+    header: dict[str, Any] = dict(s.logitems)
+    header.update(
+        channels=cmap.nchan,
+        channel_list=list(channels),
+        byte_depth=byte_depth,
+        bit_shift=shift,
+        is_float=is_float,
+        ip=st.host,
+        downsample=s.downsample,
+        freq_hz=st.sample_rate_hz,
+        date=date,  # as in the file names, UTC "YYYY-MM-DD HH-MM-SS.ffffff"
+        measurement_name=s.measurement_name or f"Digitizer {st.host}",
+        log=s.log,
+        current_gains={
+            str(site): {str(i + 1): code for i, code in enumerate(codes)}
+            for site, codes in st.gains.items()
+        },
+        gain_conversion={str(i): label for i, label in enumerate(labels)},
+        card=st.card,
+        run_id=run_id,
+    )
+    return header
+
+
 OnRunState = Callable[["Run"], None]
 
 
@@ -246,7 +304,7 @@ class Run:
                 volts_per_code={c: float(cmap.volts_per_code[c]) for c in range(cmap.nchan)},
             )
         )
-        self.run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        self.run_id = new_run_id()
         self.started = time.time()
         self.stopped: float | None = None
         self.date = file_date(self.started)
@@ -281,33 +339,9 @@ class Run:
     # -- header and record --------------------------------------------------------------
 
     def _header(self) -> dict[str, Any]:
-        s, st, cmap = self.settings, self.stream, self.stream.channel_map
-        first_site = cmap.sites[0]
-        # Downsampled files hold means of ADC codes: the shift is already applied.
-        shift = 0 if self.is_float else cmap.channel_shift(self.channels[0])
-        labels = st.gain_labels.get(first_site.site, first_site.spec.gain_labels)
-        header: dict[str, Any] = dict(s.logitems)
-        header.update(
-            channels=cmap.nchan,
-            channel_list=list(self.channels),
-            byte_depth=self.byte_depth,
-            bit_shift=shift,
-            is_float=self.is_float,
-            ip=st.host,
-            downsample=self.downsample,
-            freq_hz=st.sample_rate_hz,
-            date=self.date,  # as in the file names, UTC "YYYY-MM-DD HH-MM-SS.ffffff"
-            measurement_name=s.measurement_name or f"Digitizer {st.host}",
-            log=s.log,
-            current_gains={
-                str(site): {str(i + 1): code for i, code in enumerate(codes)}
-                for site, codes in st.gains.items()
-            },
-            gain_conversion={str(i): label for i, label in enumerate(labels)},
-            card=st.card,
-            run_id=self.run_id,
+        return run_header(
+            self.settings, self.stream, self.channels, self.byte_depth, self.date, self.run_id
         )
-        return header
 
     def _file_header(self, index: int, first_counter: int) -> dict[str, Any]:
         return {**self.header, "file_index": index, "first_counter": first_counter}
@@ -370,11 +404,7 @@ class Run:
         call_guarded(self.on_alarm, message, what=f"run {self.run_id}: alarm")
 
     def _catalog_call(self, method: str, record: RunRecord) -> None:
-        try:
-            getattr(self.catalog, method)(record)
-        except Exception:
-            # The catalog spools what it cannot deliver; a failure here is a bug to see.
-            log.exception("run %s: catalog %s failed", self.run_id, method)
+        tell_catalog(self.catalog, method, record)
 
     # -- the socket thread --------------------------------------------------------------
 

@@ -12,7 +12,9 @@ from dtacq_ioc.sim.knobs_system import build_system_knobs
 from dtacq_ioc.sim.knobserver import KnobSession
 from dtacq_ioc.sim.knobtable import KnobTable
 from dtacq_ioc.sim.net import TcpService
+from dtacq_ioc.sim.shotdata import DATA_PORT, serve_shot
 from dtacq_ioc.sim.shots import ShotControl
+from dtacq_ioc.sim.signals import TableCache
 from dtacq_ioc.sim.ssh import SshService
 from dtacq_ioc.sim.state import CardState
 from dtacq_ioc.sim.stream import StreamServer
@@ -30,8 +32,9 @@ class SimCard:
         self.name = config.name
         self.host = config.host
         self.state = CardState(config, unthrottled=unthrottled)
-        self.shots = ShotControl(self.state)
-        self.stream = StreamServer(self.state)
+        tables = TableCache()
+        self.stream = StreamServer(self.state, tables)
+        self.shots = ShotControl(self.state, tables, self.stream.wake)
         self.ssh = SshService(self, host_key)
         self._services: list[TcpService] = []
         self._lock = threading.Lock()  # start/stop/reboot one at a time
@@ -51,10 +54,20 @@ class SimCard:
 
     def _start_services(self) -> None:
         st = self.state
-        self.tables = {0: build_system_knobs(st, self.shots, self.reboot)}
+        self.tables = {
+            0: build_system_knobs(st, self.shots, self.reboot, lambda n: self.tables.get(n))
+        }
         for site, s in st.sites.items():
             self.tables[site] = build_module_knobs(st, s)
-        services = [self._knob_service(site, port) for site, port in self.knob_ports.items()]
+        services: list[TcpService] = []
+        # Shot data: 53000 raw, 53000+ch per AI channel (as many as every site could give).
+        for ch in range(sum(s.spec.nchan for s in st.sites.values()) + 1):
+            services.append(
+                TcpService(
+                    f"{self.name}:data{ch}", self.host, DATA_PORT + ch,
+                    lambda conn, ch=ch: serve_shot(st, conn, ch),
+                )
+            )  # fmt: skip
         services.append(
             TcpService(
                 f"{self.name}:stream", self.host, self.config.stream_port,
@@ -67,6 +80,8 @@ class SimCard:
         status.handler = lambda conn: self._status(conn, status)
         services.append(status)
         services.append(self.ssh.service())
+        # Knobs last: a card whose knobs answer has every port up (tests wait on a knob port).
+        services += [self._knob_service(site, port) for site, port in self.knob_ports.items()]
         started: list[TcpService] = []
         try:
             for service in services:

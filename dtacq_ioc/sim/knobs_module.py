@@ -104,6 +104,18 @@ def build_module_knobs(st: CardState, s: SiteState) -> KnobTable:
         running = st.state != IDLE and s.site in st.agg_sites
         return f"{st.sample_rate_hz() if running else 0.0:.3f}"
 
+    def set_shot(value: str) -> str:
+        st.shot = numeric(value, 0, 2**31 - 1)
+        return ""
+
+    t.add(Knob("shot", lambda: str(st.shot), set_shot))  # HAPI sets and reads it on site 1
+
+    def ch_data_size() -> str:
+        # Bytes per channel of a demuxed shot (HAPI reads it from the aggregator's master).
+        shot = st.last_shot
+        return str(shot.count * s.word_size if shot is not None and shot.demux else 0)
+
+    t.add(Knob("ch_data_size", ch_data_size))
     t.add(Knob("sample_count", count))
     t.add(Knob("SIG:sample_count:COUNT", count))
     t.add(Knob("SIG:sample_count:FREQ", freq))

@@ -5,7 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from dtacq_ioc.sim.knobtable import AfterReply, Knob, KnobRejected, KnobTable, number, numeric
+from dtacq_ioc.sim.knobtable import (
+    AfterReply,
+    Knob,
+    KnobRejected,
+    KnobTable,
+    Reply,
+    number,
+    numeric,
+    split_command,
+)
 from dtacq_ioc.sim.shots import ShotControl
 from dtacq_ioc.sim.state import (
     CONTINUOUS_NAMES,
@@ -69,7 +78,10 @@ def parse_bits(value: str, current: int) -> int:
 
 
 def build_system_knobs(
-    st: CardState, shots: ShotControl, reboot: Callable[[float], None]
+    st: CardState,
+    shots: ShotControl,
+    reboot: Callable[[float], None],
+    site_table: Callable[[int], KnobTable | None],
 ) -> KnobTable:
     t = KnobTable(0)
     sim = st.sim
@@ -209,16 +221,29 @@ def build_system_knobs(
         ("set_abort", shots.abort),
         ("soft_trigger", shots.soft_trigger),
     ):
-        # The bare name executes too: these knobs act on query as on set.
-        t.add(Knob(name, action, lambda _v, action=action: action()))
+        # The bare name executes too: these knobs act on query as on set ("=0" does nothing,
+        # as the on-card IOC writes 0 after 1).
+        t.add(Knob(name, action, lambda v, action=action: "" if v.strip() == "0" else action()))
     t.add(Knob("state", st.state_line))
     t.add(Knob("cstate", lambda: f"STX {st.state_line()}"))
     t.add(Knob("TRANS_ACT:STATE", lambda: STATE_NAMES[st.state]))
+    t.add(Knob("TRANS_ACT:PRE", lambda: str(st.pre)))
+    t.add(Knob("TRANS_ACT:POST", lambda: str(st.post)))
+    t.add(Knob("TRANS_ACT:TOTSAM", lambda: str(st.elapsed)))
+
+    def raw_data_size() -> str:
+        # The card's raw buffer is consumed by an on-card demux.
+        shot = st.last_shot
+        return str(shot.raw_bytes if shot is not None and not shot.demux else 0)
+
+    t.add(Knob("raw_data_size", raw_data_size))
 
     def set_continuous(value: str) -> str:
         on = flag(value, "CONTINUOUS")
+        if on and st.shot_busy:
+            raise KnobRejected("ERROR: CONTINUOUS: a transient shot is armed (set_abort first)")
         st.continuous = on
-        st.set_state(STREAM_RUN if on else IDLE)
+        st.stream_state(STREAM_RUN if on else IDLE)  # an armed shot keeps its state
         return ""
 
     t.add(
@@ -254,8 +279,76 @@ def build_system_knobs(
         return ""
 
     t.add(Knob("shot", lambda: str(st.shot), set_shot))
+    add_site_scripts(t, site_table)
     add_fault_knobs(t, st, reboot)
+    add_trigger_knobs(t, st, shots)
     return t
+
+
+def add_site_scripts(t: KnobTable, site_table: Callable[[int], KnobTable | None]) -> None:
+    """The card's get.site / set.site scripts: another site's knob, asked from site 0."""
+
+    def usage(script: str) -> str:
+        return f"ERROR: {script}: usage {script} SITE KNOB" + (" VALUE" * (script == "set.site"))
+
+    def forward(script: str, value: str, setting: bool) -> str:
+        parts = value.split(None, 1)
+        if len(parts) < 2 or not parts[0].isdigit():
+            raise KnobRejected(usage(script))
+        table = site_table(int(parts[0]))
+        if table is None:
+            raise KnobRejected(f"ERROR: {script}: no site {parts[0]}")
+        _, knob_value = split_command(parts[1])
+        if setting != (knob_value is not None):
+            raise KnobRejected(usage(script))
+        reply = Reply()
+        table.run(parts[1], reply)
+        if reply.failed or any(line.startswith("ERROR") for line in reply.lines):
+            raise KnobRejected("\n".join(reply.lines))
+        return "\n".join(reply.lines)
+
+    for script in ("get.site", "set.site"):
+        t.add(
+            Knob(
+                script,
+                lambda script=script: usage(script),
+                lambda v, script=script: forward(script, v, script == "set.site"),
+            )
+        )
+
+
+def add_trigger_knobs(t: KnobTable, st: CardState, shots: ShotControl) -> None:
+    """SIM:* knobs of transient shots: an external trigger line and the trigger faults."""
+
+    def fire(value: str) -> str:
+        fields = value.replace(" ", "").lower().removeprefix("d").split(",")
+        if len(fields) > 2 or not all(f.isdigit() for f in fields) or int(fields[0]) > 7:
+            raise KnobRejected(f"ERROR: SIM:EXT_TRIGGER: {value.strip()!r} is not dN[,edge]")
+        edges = (int(fields[1]),) if len(fields) == 2 else (0, 1)  # no edge: a whole pulse
+        if any(e > 1 for e in edges):
+            raise KnobRejected(f"ERROR: SIM:EXT_TRIGGER: edge {edges[0]} is not 0 or 1")
+        shots.external(int(fields[0]), edges)
+        return ""
+
+    t.add(Knob("SIM:EXT_TRIGGER", lambda: "", fire))
+
+    def set_no_trigger(value: str) -> str:
+        st.faults.no_trigger = flag(value, "SIM:NO_TRIGGER")
+        return ""
+
+    t.add(Knob("SIM:NO_TRIGGER", lambda: str(int(st.faults.no_trigger)), set_no_trigger))
+
+    def set_cut(value: str) -> str:
+        st.faults.shot_cut = numeric(value, 0, 2**62)
+        return ""
+
+    t.add(Knob("SIM:SHOT_CUT", lambda: str(st.faults.shot_cut), set_cut))
+    t.add(
+        Knob(
+            "SIM:SHOT_START",
+            lambda: str(st.last_shot.first if st.last_shot is not None else -1),
+        )
+    )
 
 
 def add_fault_knobs(t: KnobTable, st: CardState, reboot: Callable[[float], None]) -> None:

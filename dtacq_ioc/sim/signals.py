@@ -8,6 +8,7 @@ lets a test compute exactly what the simulator sent.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -116,6 +117,23 @@ class SignalTable:
     def ai_words(self, start: int, n: int) -> list[np.ndarray]:
         """Raw words of every site, in stream order, for sample indices [start, start + n)."""
         return [self.site_words(s.site, start, n) for s in self.sites]
+
+
+class TableCache:
+    """The latest SignalTable, shared by a card's stream and its shots (built once per setting)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: object = None
+        self._table: SignalTable | None = None
+
+    def get(self, sites: Sequence[SiteSignals], rate_hz: float) -> SignalTable:
+        key = (rate_hz, tuple(sites))
+        with self._lock:
+            if self._table is None or key != self._key:
+                self._table = SignalTable(sites, rate_hz, seed=0)
+                self._key = key
+            return self._table
 
 
 def counters(start: int, n: int) -> np.ndarray:

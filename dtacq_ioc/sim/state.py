@@ -12,10 +12,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dtacq_ioc.card.models import ModuleSpec, module_for_site, module_spec
 from dtacq_ioc.config import CardConfig, FaultConfig, SimCardConfig, SimSiteConfig
 from dtacq_ioc.sim.signals import SiteSignals
+
+if TYPE_CHECKING:
+    from dtacq_ioc.sim.shotdata import ShotData
 
 STATE_NAMES = ("IDLE", "ARM", "RUN_PRE", "RUN_POST", "POST_PROCESS", "CLEANUP")
 IDLE, ARM, RUN_PRE, RUN_POST, POST_PROCESS = range(5)
@@ -65,6 +69,8 @@ class Faults:
     unthrottled: bool = False
     mbps: float = 0.0  # unthrottled: cap the stream at this many MB/s (0 = none)
     hang_until: float = 0.0  # time.monotonic() until which the card is silent (network loss)
+    no_trigger: bool = False  # every trigger (soft, auto, external) is lost: a shot never fires
+    shot_cut: int = 0  # each shot-data connection closes after this many bytes (0 = never)
 
     def hang_left(self) -> float:
         return self.hang_until - time.monotonic()
@@ -176,7 +182,10 @@ class CardState:
             self.transient = Transient()
             self.state = IDLE
             self.pre = self.post = self.elapsed = 0
+            self.demux = 0  # the state line's last field: the shot's demux (0 for a stream)
             self.shot = 0
+            self.shot_busy = False  # a transient shot is armed or running: no streaming
+            self.last_shot: ShotData | None = None  # the finished shot's data (53000, 53000+ch)
             self.sync_role = "role not set"
             self.continuous = False
             self.samples_sent = 0
@@ -259,7 +268,14 @@ class CardState:
     # --- run state and the 2235 console -------------------------------------------
 
     def state_line(self) -> str:
-        return f"{self.state} {self.pre} {self.post} {self.elapsed} 0"
+        return f"{self.state} {self.pre} {self.post} {self.elapsed} {self.demux}"
+
+    def stream_state(self, state: int, elapsed: int | None = None) -> None:
+        """A state change of the stream, ignored while a transient shot owns the state."""
+        with self.lock:
+            if not self.shot_busy:
+                self.demux = 0
+                self.set_state(state, elapsed)
 
     def set_state(self, state: int, elapsed: int | None = None) -> None:
         with self.lock:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dtacq_ioc.sim.signals import SignalTable, counters
+from dtacq_ioc.sim.signals import SignalTable, TableCache, counters
 from dtacq_ioc.sim.state import ARM, IDLE, STREAM_RUN, CardState, Faults
 
 log = logging.getLogger(__name__)
@@ -115,12 +115,11 @@ class Frames:
 class StreamServer:
     """Serves port 4210 for one card: a new client tears down the previous one."""
 
-    def __init__(self, state: CardState):
+    def __init__(self, state: CardState, tables: TableCache):
         self.state = state
+        self.tables = tables
         self._lock = threading.Lock()
         self._current: StreamSession | None = None
-        self._table_key: object = None
-        self._table: SignalTable | None = None
 
     def handle(self, conn: socket.socket) -> None:
         session = StreamSession(self, conn)
@@ -149,12 +148,7 @@ class StreamServer:
             spad = self.state.spad_words()
         if rate <= 0 or not sites:
             return None
-        key = (rate, tuple(sites))
-        if key != self._table_key:
-            self._table = SignalTable(sites, rate, seed=0)
-            self._table_key = key
-        assert self._table is not None
-        return Frames(self._table, spad)
+        return Frames(self.tables.get(sites, rate), spad)
 
 
 class StreamSession:
@@ -174,19 +168,20 @@ class StreamSession:
     def run(self) -> None:
         st = self.state
         with st.lock:
-            ready = not st.faults.not_ready and bool(st.agg_sites)
+            # A card with a transient shot armed does not stream.
+            ready = not st.faults.not_ready and bool(st.agg_sites) and not st.shot_busy
             gen = st.stream_gen
         if not ready:
             self.conn.sendall(NOT_READY)
             return
         st.samples_sent = 0
-        st.set_state(ARM, elapsed=0)
+        st.stream_state(ARM, elapsed=0)
         try:
             self._stream(gen)
         except (StreamClosed, OSError) as exc:
             log.debug("%s stream ended: %s", st.card.name, exc)
         finally:
-            st.set_state(IDLE, elapsed=st.samples_sent)
+            st.stream_state(IDLE, elapsed=st.samples_sent)
 
     def _send(self, data: memoryview | bytes, limit: int, ssb: int) -> None:
         cut = bool(limit) and self.bytes_sent + len(data) >= limit
@@ -208,7 +203,7 @@ class StreamSession:
         throttled = True
         while not self.cancelled.is_set():
             if st.stream_gen != gen:
-                raise StreamClosed("run0 tore the stream down")
+                raise StreamClosed("run0 or set_arm tore the stream down")
             faults = st.faults
             if st.version != version or (not faults.unthrottled) != throttled:
                 version = st.version
@@ -229,7 +224,7 @@ class StreamSession:
                     break
                 continue
             if not running:
-                st.set_state(STREAM_RUN)
+                st.stream_state(STREAM_RUN)
                 running = True
             rate = frames.table.rate_hz
             if throttled:
