@@ -21,16 +21,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from dtacq_ioc.card.errors import CardError, SettingRefused
+from dtacq_ioc.card.knobs import KnobClient
+from dtacq_ioc.config import CardConfig
 from dtacq_ioc.contract import StreamLayout
-
-if TYPE_CHECKING:
-    from dtacq_ioc.card.card import Card
 
 log = logging.getLogger(__name__)
 
@@ -364,11 +363,28 @@ def counter_jumps(counter: npt.NDArray[np.uint32]) -> int:
     return int(np.count_nonzero(steps != 1))
 
 
+class TransientCard(Protocol):
+    """What a shot uses of `card.Card` (a Protocol, so this module never imports card.py)."""
+
+    name: str
+    config: CardConfig
+    layout: StreamLayout | None
+
+    def knob(self, site: int) -> KnobClient: ...
+    def ai_sites(self) -> tuple[int, ...]: ...
+    def configure_stream(
+        self, sites: tuple[int, ...] | list[int] | None = None
+    ) -> StreamLayout: ...
+
+
 class Transient:
     """The transient side of one card (`Card.transient()` keeps one per card)."""
 
     def __init__(
-        self, card: Card, on_status: OnStatus | None = None, on_link: OnLink | None = None
+        self,
+        card: TransientCard,
+        on_status: OnStatus | None = None,
+        on_link: OnLink | None = None,
     ):
         self.card = card
         self.name = card.name

@@ -234,7 +234,7 @@ class FanoutArray:
         contexts[queue] = sub.circuit.context
         fanout = self._fanout()
         if fanout is None or not _plain(sub_spec) or not sub.circuit.events_on.is_set():
-            return await super().subscribe(queue, sub_spec, sub)  # type: ignore[misc]
+            return await super().subscribe(queue, sub_spec, sub)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
         subscription_queues(self)[queue][None][sub_spec.data_type_name].add(sub_spec)
         # The first update goes the same way as the later ones, so it cannot overtake them.
         await self._send_one(fanout, sub.circuit.context, sub_spec, sub, 0, {})
@@ -248,7 +248,7 @@ class FanoutArray:
             or any(sync is not None for syncs in queues.values() for sync in syncs)
             or any(queue not in contexts for queue in queues)
         ):
-            return await super().publish(flags)  # type: ignore[misc]
+            return await super().publish(flags)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
         forget_cached_reads(self)  # caproto's cache for new subscriptions: the value changed
         messages: dict[str, tuple[Any, Any, Message | None]] = {}
         for queue, syncs in queues.items():

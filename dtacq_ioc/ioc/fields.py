@@ -49,9 +49,9 @@ class _FieldMixin:
 
     async def read(self, data_type: Any) -> Any:
         value = self._source(self._parent)
-        if value != self.value:  # type: ignore[attr-defined]
-            await self.write(value, verify_value=False)  # type: ignore[attr-defined]
-        return await super().read(data_type)  # type: ignore[misc]
+        if value != self.value:  # type: ignore[attr-defined]  # mixin: caproto's class is later in the MRO
+            await self.write(value, verify_value=False)  # type: ignore[attr-defined]  # mixin: caproto's class is later in the MRO
+        return await super().read(data_type)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
 
 
 class _StringField(_FieldMixin, ChannelString):

@@ -77,7 +77,7 @@ class _Checked(WriteTracker):
     data_type: ChannelType
 
     def check_access(self, hostname: str, username: str) -> AccessRights:
-        rights = super().check_access(hostname, username)  # type: ignore[misc]
+        rights = super().check_access(hostname, username)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
         rules: AccessRules | None = getattr(self.group, "access_rules", None)
         if rules is not None and not rules.allows_write(hostname, username):
             return rights & ~AccessRights.WRITE
@@ -95,7 +95,7 @@ class _Checked(WriteTracker):
                 _check_value(self, int(data[0]))
             if data_type == ChannelType.CHAR and not bytes(data).strip(b"\x00"):
                 # caproto 1.3 cannot put empty text to a CHAR array; clearing a text is fine.
-                return await self.write("", flags=kwargs.get("flags", 0))  # type: ignore[attr-defined]
+                return await self.write("", flags=kwargs.get("flags", 0))  # type: ignore[attr-defined]  # mixin: caproto's class is later in the MRO
             result = await super().write_from_dbr(  # type: ignore[misc]  # caproto's ChannelData
                 data, data_type, metadata, *args, **kwargs
             )
@@ -111,7 +111,7 @@ class _Checked(WriteTracker):
 
     async def verify_value(self, value: Any) -> Any:
         _check_value(self, value)
-        return await super().verify_value(value)  # type: ignore[misc]
+        return await super().verify_value(value)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
 
     async def _refused(self, message: str) -> None:
         """The written PV alone goes WRITE/MAJOR (as caproto marks a refusal it makes)."""
@@ -194,11 +194,11 @@ class _Watched:
 
     async def subscribe(self, queue, sub_spec, sub):
         self.__dict__.setdefault("_watchers", set()).add(sub_spec)
-        return await super().subscribe(queue, sub_spec, sub)  # type: ignore[misc]
+        return await super().subscribe(queue, sub_spec, sub)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
 
     async def unsubscribe(self, queue, sub_spec):
         self.__dict__.setdefault("_watchers", set()).discard(sub_spec)
-        return await super().unsubscribe(queue, sub_spec)  # type: ignore[misc]
+        return await super().unsubscribe(queue, sub_spec)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
 
     @property
     def watched(self) -> bool:
@@ -218,11 +218,11 @@ class _Derived:
 
     async def read(self, data_type):
         await self._refresh()
-        return await super().read(data_type)  # type: ignore[misc]
+        return await super().read(data_type)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
 
     async def subscribe(self, queue, sub_spec, sub):
         await self._refresh()
-        return await super().subscribe(queue, sub_spec, sub)  # type: ignore[misc]
+        return await super().subscribe(queue, sub_spec, sub)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
 
     async def _refresh(self) -> None:
         if self.refresher is None:

@@ -296,9 +296,12 @@ def _buffer_len(v: Mapping[int, np.ndarray]) -> int:
     return 0
 
 
+def trigger_name(cls: type[Trigger]) -> str:
+    return cls.NAME or cls.__name__
+
+
 BUILTINS: dict[str, type[Trigger]] = {
-    cls.NAME: cls  # type: ignore[misc]
-    for cls in (Always, Threshold, TimeLimit, SampleCount, RotateFiles)
+    trigger_name(cls): cls for cls in (Always, Threshold, TimeLimit, SampleCount, RotateFiles)
 }
 
 
@@ -320,10 +323,6 @@ def check_args(args: Any) -> dict[str, int | float | str | bool]:
         if isinstance(value, str) and len(value) > MAX_ARG_TEXT:
             raise TriggerError(f"trigger argument {key}: longer than {MAX_ARG_TEXT} characters")
     return dict(args)
-
-
-def trigger_name(cls: type[Trigger]) -> str:
-    return cls.NAME or cls.__name__
 
 
 class TriggerRegistry:
@@ -414,10 +413,13 @@ def _import_file(path: Path) -> ModuleType:
         raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     # Old trigger sources used these names without importing them.
-    module.Trigger = Trigger  # type: ignore[attr-defined]
-    module.OpenNewReadoutFile = OpenNewReadoutFile  # type: ignore[attr-defined]
-    module.EndReadoutNow = EndReadoutNow  # type: ignore[attr-defined]
-    module.np = np  # type: ignore[attr-defined]
+    for name, value in (
+        ("Trigger", Trigger),
+        ("OpenNewReadoutFile", OpenNewReadoutFile),
+        ("EndReadoutNow", EndReadoutNow),
+        ("np", np),
+    ):
+        setattr(module, name, value)
     # Registered only while it runs: dataclasses and typing look the module up by name.
     sys.modules[name] = module
     try:
