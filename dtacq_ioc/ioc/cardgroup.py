@@ -18,11 +18,14 @@ import numpy as np
 from caproto import AlarmSeverity, AlarmStatus, ChannelType
 
 from dtacq_ioc.card.models import ModuleSpec, module_spec
+from dtacq_ioc.card.transient import MAX_OSAM, MAX_POST, MAX_PRE, ShotState
 from dtacq_ioc.config import CardConfig, IocConfig
 from dtacq_ioc.contract import CARD_STATES, CLOCKS, NO_YES, RUN_STATES, StreamLayout
 from dtacq_ioc.ioc import pvs
 from dtacq_ioc.ioc.pvs import LINK, CheckedGroup, Handler
 
+SHOT_MODES = ("CONTINUOUS", "TRANSIENT")
+TRANS_STATES = tuple(state.name for state in ShotState)  # MODE:TRANS_ACT:STATE
 MIN_BUFFER_BYTES = 64 << 10  # below this the per-buffer cost outruns a fast stream
 
 
@@ -44,6 +47,27 @@ class RunHandlers(Protocol):
     async def stop(self, value: Any) -> Any: ...
 
 
+class ShotHandlers(Protocol):
+    """What the transient-capture actions call (ioc/shots.py ShotControl)."""
+
+    async def put_mode(self, value: Any) -> Any: ...
+    async def arm(self, value: Any) -> Any: ...
+    async def abort(self, value: Any) -> Any: ...
+    async def soft_trigger(self, value: Any) -> Any: ...
+
+
+class ShotSettingHandlers(Protocol):
+    """What the transient-capture settings call (ioc/shots.py ShotSettings)."""
+
+    async def put_pre(self, value: Any) -> Any: ...
+    async def put_post(self, value: Any) -> Any: ...
+    async def put_osam(self, value: Any) -> Any: ...
+    async def put_demux(self, value: Any) -> Any: ...
+    async def put_soft_trigger(self, value: Any) -> Any: ...
+    async def put_trigger(self, value: Any) -> Any: ...
+    async def put_auto_rearm(self, value: Any) -> Any: ...
+
+
 class ActionHandlers(Protocol):
     """What the card's action PVs call (ioc/link.py)."""
 
@@ -56,6 +80,8 @@ class Handlers:
     settings: SettingHandlers
     runs: RunHandlers
     actions: ActionHandlers
+    shots: ShotHandlers
+    shot_settings: ShotSettingHandlers
 
 
 @dataclass(frozen=True)
@@ -115,6 +141,7 @@ def _card_pvs(card: CardConfig, sites: list[SiteLayout], h: Handlers) -> dict:
     return {
         **_run_pvs(h.runs),
         **_stream_pvs(h.actions),
+        **_shot_pvs(h.shots, h.shot_settings),
         "STATE": p.enum("STATE", "Card state", CARD_STATES),
         "CONNECTED": p.enum("CONNECTED", "Card link up", NO_YES),
         "HEARTBEAT": p.integer("HEARTBEAT", "IOC heartbeat, +1 per second"),
@@ -193,6 +220,41 @@ def _run_pvs(run: RunHandlers) -> dict:
     }  # fmt: skip
 
 
+def _shot_pvs(sh: ShotHandlers, ss: ShotSettingHandlers) -> dict:
+    """Transient capture, named as D-TACQ's on-card IOC names it."""
+    p, t = pvs, "MODE:TRANSIENT:"
+    return {
+        "MODE": p.enum("MODE", "Continuous stream or transient shots", SHOT_MODES,
+                       put=sh.put_mode),
+        t + "PRE": p.integer(t + "PRE", "Samples before the trigger", limits=(0, MAX_PRE),
+                             put=ss.put_pre, saved=True),
+        t + "POST": p.integer(t + "POST", "Samples after the trigger", value=100_000,
+                              limits=(1, MAX_POST), put=ss.put_post, saved=True),
+        t + "OSAM": p.integer(t + "OSAM", "Sub-sampling of the shot", value=1,
+                              limits=(1, MAX_OSAM), put=ss.put_osam, saved=True),
+        t + "DEMUX": p.enum(t + "DEMUX", "Card demultiplexes the shot", NO_YES, value="Yes",
+                            put=ss.put_demux, saved=True),
+        t + "SOFT_TRIGGER": p.enum(t + "SOFT_TRIGGER", "Soft trigger once armed", NO_YES,
+                                   put=ss.put_soft_trigger, saved=True),
+        t + "TRIGGER": p.string(t + "TRIGGER", "Trigger: soft, or dN rising|falling",
+                                value="soft", put=ss.put_trigger, saved=True),
+        t + "AUTO_REARM": p.enum(t + "AUTO_REARM", "Arm again after each shot", NO_YES,
+                                 put=ss.put_auto_rearm, saved=True),
+        t + "SET_ARM": p.action(t + "SET_ARM", "Arm a shot", sh.arm),
+        t + "SET_ABORT": p.action(t + "SET_ABORT", "Abort the shot", sh.abort),
+        "SIG:SOFT_TRIGGER": p.action("SIG:SOFT_TRIGGER", "Soft trigger", sh.soft_trigger),
+        "MODE:TRANS_ACT:STATE": p.enum("MODE:TRANS_ACT:STATE", "Transient state",
+                                       TRANS_STATES, alarm_group=LINK),
+        "MODE:TRANS_ACT:PRE": p.integer("MODE:TRANS_ACT:PRE", "Pre samples taken",
+                                        alarm_group=LINK),
+        "MODE:TRANS_ACT:POST": p.integer("MODE:TRANS_ACT:POST", "Post samples taken",
+                                         alarm_group=LINK),
+        "MODE:TRANS_ACT:TOTSAM": p.integer("MODE:TRANS_ACT:TOTSAM", "Shot samples",
+                                           alarm_group=LINK),
+        "SHOT": p.integer("SHOT", "Shot number of the last shot"),
+    }  # fmt: skip
+
+
 def _stream_pvs(actions: ActionHandlers) -> dict:
     """Stream figures and the card's actions."""
     p = pvs
@@ -231,6 +293,8 @@ def _site_pvs(s: SiteLayout, n: int, settings: SettingHandlers) -> dict:
                                       value=spec.max_buffer_bytes),
         pre + "AI:WF:TB": p.waveform(pre + "AI:WF:TB", "Timebase", ChannelType.DOUBLE, n,
                                      units="s", precision=6, alarm_group=LINK),
+        pre + "AI:TW:TB": p.waveform(pre + "AI:TW:TB", "Last shot's time from trigger",
+                                     ChannelType.DOUBLE, n, units="s", precision=6),
         pre + "AI:SPEC:FREQ": p.waveform(pre + "AI:SPEC:FREQ", "Spectrum frequency axis",
                                          ChannelType.DOUBLE, nspec, units="Hz", precision=1,
                                          alarm_group=LINK),
@@ -278,6 +342,11 @@ def _channel_pvs(pre: str, ch: str, raw_type: ChannelType, n: int, nspec: int) -
         out[f"{mean}:{stat}"] = p.number(
             f"{mean}:{stat}", f"Ch {ch} {what}", units="V", precision=5, alarm_group=LINK
         )
+    tw = f"{pre}AI:TW:{ch}"  # the last transient shot, decimated to n points
+    out[tw] = p.waveform(tw, f"Ch {ch} last shot, ADC codes", ChannelType.LONG, n)
+    out[tw + ":V"] = p.waveform(
+        tw + ":V", f"Ch {ch} last shot", ChannelType.DOUBLE, n, units="V", precision=5
+    )
     return out
 
 
@@ -299,6 +368,8 @@ class _Unbound:
 
     put_clkdiv = put_ext_clock = put_ext_clock_freq = put_buffer_size = put_gain = _refuse
     start = stop = reset = reboot = _refuse
+    put_mode = put_pre = put_post = put_osam = put_demux = put_soft_trigger = _refuse
+    put_trigger = put_auto_rearm = arm = abort = soft_trigger = _refuse
 
     def handler(self, suffix: str) -> Handler:
         return self._refuse
@@ -307,7 +378,7 @@ class _Unbound:
 def served_suffixes(card: CardConfig, ioc: IocConfig) -> frozenset[str]:
     """The PV names (relative to the card's prefix) that the IOC serves for this card."""
     unbound = _Unbound()
-    cls = build_group_class(card, ioc, Handlers(unbound, unbound, unbound))
+    cls = build_group_class(card, ioc, Handlers(unbound, unbound, unbound, unbound, unbound))
     return frozenset(prop.pvspec.name for prop in cls._pvs_.values())
 
 

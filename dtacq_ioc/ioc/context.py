@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dtacq_ioc.card.errors import CardError
+from dtacq_ioc.card.transient import OnLink, OnStatus, Transient
 from dtacq_ioc.config import CardConfig, IocConfig
 from dtacq_ioc.ioc.cardgroup import SiteLayout, Update
 from dtacq_ioc.ioc.pvs import PutRefused
-from dtacq_ioc.readout.run import RunSettings
+from dtacq_ioc.readout.run import RunSettings, StreamInfo
+from dtacq_ioc.readout.transform import ChannelMap
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,9 @@ class CardLike(Protocol):
     def gains(self, site: int) -> list[int]: ...
     def reset_readout(self) -> None: ...
     def reboot(self) -> None: ...
+    def transient(
+        self, on_status: OnStatus | None = None, on_link: OnLink | None = None
+    ) -> Transient: ...
 
 
 class ReadoutLike(Protocol):
@@ -48,6 +53,8 @@ class ReadoutLike(Protocol):
 
     run: Any
     display: Any
+    channel_map: ChannelMap | None
+    sample_rate_hz: float
 
     def start(self, sites: tuple[int, ...], buffer_samples: int) -> None: ...
     def stop(self, timeout: float = ..., reason: str = ...) -> None: ...
@@ -56,6 +63,7 @@ class ReadoutLike(Protocol):
     def start_run(self, settings: RunSettings) -> Any: ...
     def stop_run(self, timeout: float | None = ...) -> Any: ...
     def refresh_calibration(self) -> None: ...
+    def stream_info(self) -> StreamInfo: ...
 
 
 @dataclass

@@ -3,6 +3,7 @@
 - `link.CardLink`: connect, identify, stream, reconnect with backoff; RESET, REBOOT.
 - `settings.CardSettings`: clock, buffer and gain puts applied to the card and read back.
 - `runs.RunControl`: the RUN:* settings as typed values; start and stop runs.
+- `shots.ShotControl`: transient capture: MODE, arm, abort, shots archived as runs.
 - `publisher.Publisher`: every readback, frame and run figure to its PV.
 
 A CA put of CLKDIV, for instance, goes: the CLKDIV PV (cardgroup) -> its handler
@@ -25,6 +26,7 @@ from dtacq_ioc.ioc.link import CardLink
 from dtacq_ioc.ioc.publisher import Publisher
 from dtacq_ioc.ioc.runs import RunControl
 from dtacq_ioc.ioc.settings import CardSettings
+from dtacq_ioc.ioc.shots import ShotControl
 from dtacq_ioc.readout.pipeline import Readout
 from dtacq_ioc.readout.triggers import TriggerRegistry
 
@@ -59,8 +61,12 @@ class CardController:
         self.runs = RunControl(
             ctx, triggers, buffer_bytes=lambda: self.settings.wanted.buffer_bytes
         )
-        self.link = CardLink(ctx, self.settings)
-        self.pvs = CardPVs(config, ioc, Handlers(self.settings, self.runs, self.link), access)
+        self.shots = ShotControl(ctx, self.settings, self.runs, catalog, Path(archive.data_dir))
+        self.link = CardLink(ctx, self.settings, self.shots.wants_stream)
+        handlers = Handlers(
+            self.settings, self.runs, self.link, self.shots, self.shots.shot_settings
+        )
+        self.pvs = CardPVs(config, ioc, handlers, access)
         self.pvs.group.refusal_sink = ctx.refused
         self.pvs.group.autosave_sink = self._save
         self.settings.wanted.buffer_bytes = int(self.pvs.value("BUFFER_SIZE"))
@@ -97,7 +103,8 @@ class CardController:
                 continue
             try:
                 value = pvs.check_restored(pv, saved[suffix])
-                if not (self.settings.adopt(suffix, value) or self.runs.adopt(suffix, value)):
+                parts = (self.settings, self.runs, self.shots.shot_settings)
+                if not any(part.adopt(suffix, value) for part in parts):
                     continue
             except pvs.PutRefused as exc:
                 log.warning("autosave: %s: %s; skipped", self.name, exc)
@@ -112,4 +119,5 @@ class CardController:
         await self.publisher.run()
 
     async def stop(self) -> None:
+        await self.shots.stop()
         await self.link.stop()

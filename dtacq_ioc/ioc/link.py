@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from dtacq_ioc.card.errors import CardError
@@ -28,9 +29,10 @@ class ConfigMismatch(CardError):
 class CardLink:
     """Keeps one card connected and streaming; `state` is the card's STATE."""
 
-    def __init__(self, ctx: CardContext, settings: CardSettings):
+    def __init__(self, ctx: CardContext, settings: CardSettings, wants_stream: Callable[[], bool]):
         self.ctx = ctx
         self.settings = settings
+        self.wants_stream = wants_stream  # False in transient mode: the card holds its shots
         self.state = "DISCONNECTED"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lost = asyncio.Event()
@@ -92,7 +94,8 @@ class CardLink:
                     f"(cards.modules)",
                 )
         self.settings.apply_wanted()
-        self.settings.start_stream()
+        if self.wants_stream():
+            self.settings.start_stream()
         self.settings.read_back()
 
     def _disconnect(self, reason: str) -> None:

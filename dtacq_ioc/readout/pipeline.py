@@ -273,7 +273,7 @@ class Readout:
                 self._calibrate()
                 assert self.display is not None and self.channel_map is not None
                 self.display.set_calibration(self.channel_map, self.sample_rate_hz)
-            info = self._stream_info()
+            info = self.stream_info()
             run = Run(
                 settings,
                 info,
@@ -293,7 +293,7 @@ class Readout:
                 run.stream_ended(self._reason)
             return run
 
-    def _stream_info(self) -> StreamInfo:
+    def stream_info(self) -> StreamInfo:
         """What a run's header says of the stream it taps."""
         assert self.layout is not None and self.channel_map is not None
         labels = self.card.config.gain_labels
