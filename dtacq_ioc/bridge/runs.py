@@ -15,6 +15,7 @@ enough to read all of it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from twisted.internet.threads import deferToThread
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -185,7 +186,9 @@ class RunsResource(Resource):
             job, kind = (lambda: self.export(path[0], args.get("format", "csv"))), "file"
         else:
             return self._fail(request, NotFound("no such page under /runs/"))
-        d = deferToThread(job)
+        # Twisted's thread pool starts only with reactor.run(), which the bridge never
+        # calls (asyncio runs the loop): asyncio's threads do the work.
+        d = Deferred.fromFuture(asyncio.ensure_future(asyncio.to_thread(job)))
         d.addCallbacks(
             lambda result: self._done(request, kind, result),
             lambda failure: self._failed(request, failure),

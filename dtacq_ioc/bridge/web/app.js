@@ -18,6 +18,7 @@ const state = {
   plotChans: new Set(["1:01"]),    // "site:NN" keys of plotted channels
   units: "V", fftLog: true, wf: {}, spec: {}, freq: {}, wfUpdates: 0, wfPlot: null, specPlot: null,
   subscribed: new Set(), lastRunState: null, userStopped: false, runsStarted: 0,
+  lastWriteAt: -1e9, refusal: false,
 };
 
 const nn = (ch) => String(ch).padStart(2, "0");
@@ -28,7 +29,11 @@ const text = (suffix) => { const v = state.values[suffix] || {}; return v.text !
 // --- PVWS ---
 
 function send(obj) { if (state.ws && state.ws.readyState === 1) state.ws.send(JSON.stringify(obj)); }
-function write(suffix, v) { send({ type: "write", pv: pv(suffix), value: v }); }
+function write(suffix, v) {
+  state.lastWriteAt = performance.now();
+  state.refusal = false;
+  send({ type: "write", pv: pv(suffix), value: v });
+}
 
 function subscribe(suffixes) {
   const fresh = suffixes.filter((s) => !state.subscribed.has(s));
@@ -78,8 +83,21 @@ function connect() {
   ws.onmessage = (ev) => {
     const msg = JSON.parse(ev.data);
     if (msg.type === "update") update(msg);
-    else if (msg.type === "error") showMessage(msg.message);
+    else if (msg.type === "error") writeError(msg);
   };
+}
+
+// A refused put reaches the bridge without the IOC's reason, which the IOC puts in
+// LAST_ERROR at once: a LAST_ERROR that changes after our write is shown instead.
+function writeError(msg) {
+  if (msg.pv && state.refusal) return;  // the IOC's own words are already up
+  showMessage(msg.message);
+}
+
+function lastErrorChanged(cur, first) {
+  if (first || !cur.text || performance.now() - state.lastWriteAt > 15000) return;
+  state.refusal = true;
+  showMessage(cur.text);
 }
 
 function showMessage(msg) {
@@ -115,6 +133,7 @@ function showAccess() {
 
 function update(msg) {
   const suffix = msg.pv.slice(state.card.prefix.length);
+  const first = !state.values[suffix];
   const cur = state.values[suffix] || (state.values[suffix] = {});
   Object.assign(cur, msg);
   if (msg.readonly !== undefined && suffix === "CLKDIV") { state.readonly = msg.readonly; showAccess(); }
@@ -130,17 +149,24 @@ function update(msg) {
   else if (site && site[2] === "NCHAN" && cur.value !== undefined) setNchan(+site[1], +cur.value);
   else if (site && site[2].startsWith("GAIN")) showGain(suffix, cur);
   else if (suffix === "TRIGGERS") fillTriggers(cur.text);
+  else if (suffix === "LAST_ERROR") lastErrorChanged(cur, first);
   else if (suffix === "RUN:RECENT") showRecent(cur.text);
   else if (suffix === "RUN:LAST_RESULT") showLastRun(cur.text);
   else if (suffix === "RUN:STATE_RBV") runStateChanged(cur.value);
   else if (suffix === "RUN:SAMPLES_RBV" || suffix === "RUN:ELAPSED_RBV") showProgress();
   else if (suffix === "RUN:CHANNELS") showSaveChannels();
-  else if (suffix === "CLKDIV_RBV" && !$("clkdiv").value) $("clkdiv").value = cur.value;
-  else if (suffix === "SAMPLE_RATE_RBV" && !$("rate-khz").value) $("rate-khz").value = cur.value / 1e3;
-  else if (suffix === "EXT_CLOCK_FREQ" && !$("ext-freq").value) $("ext-freq").value = cur.value;
+  else if (typeof cur.value === "number") fillInput(suffix, cur.value);
   else if (suffix === "EXT_CLOCK" && msg.value !== undefined) $("ext-clock").checked = labelOf(cur) === "External";
   else if (suffix === "RUN:SAVE" && msg.value !== undefined) $("run-save").checked = labelOf(cur) === "Yes";
   else if (suffix === "RUN:UPLOAD" && msg.value !== undefined) $("run-upload").checked = labelOf(cur) === "Yes";
+}
+
+// Setpoint fields start at the card's values; what the user typed is kept.
+const FIELDS = { CLKDIV_RBV: ["clkdiv", 1], SAMPLE_RATE_RBV: ["rate-khz", 1e-3], EXT_CLOCK_FREQ: ["ext-freq", 1],
+                 "RUN:DOWNSAMPLE": ["run-ds", 1] };
+function fillInput(suffix, v) {
+  const f = FIELDS[suffix];
+  if (f && !$(f[0]).value) $(f[0]).value = +(v * f[1]).toPrecision(9);
 }
 
 function labelOf(cur) { return cur.labels ? cur.labels[cur.value] : cur.value; }
