@@ -151,7 +151,7 @@ function update(msg) {
   else if (suffix === "TRIGGERS") fillTriggers(cur.text);
   else if (suffix === "LAST_ERROR") lastErrorChanged(cur, first);
   else if (suffix === "RUN:RECENT") showRecent(cur.text);
-  else if (suffix === "RUN:LAST_RESULT") showLastRun(cur.text);
+  else if (suffix === "RUN:LAST_RESULT") showLastRun(cur.text, first);
   else if (suffix === "RUN:STATE_RBV") runStateChanged(cur.value);
   else if (suffix === "RUN:SAMPLES_RBV" || suffix === "RUN:ELAPSED_RBV") showProgress();
   else if (suffix === "RUN:CHANNELS") showSaveChannels();
@@ -422,16 +422,18 @@ function startRun() {
   return true;
 }
 
-// Auto repeat lives in the page, as in the old one: a run that ends by itself starts the next.
 function runStateChanged(v) {
-  const label = (state.values["RUN:STATE_RBV"].labels || [])[v] || v;
-  const before = state.lastRunState;
-  state.lastRunState = label;
+  state.lastRunState = (state.values["RUN:STATE_RBV"].labels || [])[v] || v;
   showProgress();
-  if (before === "RUNNING" && label === "IDLE" && $("auto-repeat").checked && !state.userStopped
-      && !state.readonly) {
-    startRun();
-  }
+}
+
+// Auto repeat lives in the page, as in the old one: a run that ends by itself starts the
+// next. A run's end is told by a new RUN:LAST_RESULT (a short run may begin and end
+// between two updates of RUN:STATE_RBV).
+function runEnded(run, first) {
+  const fresh = !first && run && run.run_id && run.run_id !== state.lastResultId;
+  state.lastResultId = run && run.run_id;
+  if (fresh && $("auto-repeat").checked && !state.userStopped && !state.readonly) startRun();
 }
 
 function showProgress() {
@@ -455,9 +457,10 @@ function fileLink(path) {
   return a;
 }
 
-function showLastRun(textValue) {
+function showLastRun(textValue, first) {
   let run = null;
   try { run = JSON.parse(textValue || "null"); } catch (e) { return; }
+  runEnded(run, first);
   const box = $("last-run");
   box.innerHTML = "";
   if (!run || !run.run_id) return;
