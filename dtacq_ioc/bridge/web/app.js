@@ -94,8 +94,10 @@ function writeError(msg) {
   showMessage(msg.message);
 }
 
-function lastErrorChanged(cur, first) {
-  if (first || !cur.text || performance.now() - state.lastWriteAt > 15000) return;
+function lastErrorChanged(cur, msg, hadValue) {
+  // A new value or a new timestamp (the same refusal again), not the subscription's first.
+  const fresh = hadValue && (msg.text !== undefined || msg.seconds !== undefined);
+  if (!fresh || !cur.text || performance.now() - state.lastWriteAt > 15000) return;
   state.refusal = true;
   showMessage(cur.text);
 }
@@ -135,6 +137,7 @@ function update(msg) {
   const suffix = msg.pv.slice(state.card.prefix.length);
   const first = !state.values[suffix];
   const cur = state.values[suffix] || (state.values[suffix] = {});
+  const hadValue = cur.value !== undefined || cur.text !== undefined;
   Object.assign(cur, msg);
   if (msg.readonly !== undefined && suffix === "CLKDIV") { state.readonly = msg.readonly; showAccess(); }
   const arr = decode(msg);
@@ -149,12 +152,19 @@ function update(msg) {
   else if (site && site[2] === "NCHAN" && cur.value !== undefined) setNchan(+site[1], +cur.value);
   else if (site && site[2].startsWith("GAIN")) showGain(suffix, cur);
   else if (suffix === "TRIGGERS") fillTriggers(cur.text);
-  else if (suffix === "LAST_ERROR") lastErrorChanged(cur, first);
+  else if (suffix === "LAST_ERROR") lastErrorChanged(cur, msg, hadValue);
+  else if (suffix === "RUN:TRIGGER_ARGS" && !$("run-trigger-args").value && cur.text !== "{}") {
+    $("run-trigger-args").value = cur.text || "";
+  }
   else if (suffix === "RUN:RECENT") showRecent(cur.text);
   else if (suffix === "RUN:LAST_RESULT") showLastRun(cur.text, first);
   else if (suffix === "RUN:STATE_RBV") runStateChanged(cur.value);
   else if (suffix === "RUN:SAMPLES_RBV" || suffix === "RUN:ELAPSED_RBV") showProgress();
   else if (suffix === "RUN:CHANNELS") showSaveChannels();
+  else if (suffix === "RUN:TRIGGER" && !state.triggerTouched) $("run-trigger").value = String(cur.value).trim();
+  else if (suffix === "RUN:DOWNSAMPLE" && cur.value > 1 && !$("run-ds").value) {
+    $("run-ds-on").checked = true; fillInput(suffix, cur.value);
+  }
   else if (typeof cur.value === "number") fillInput(suffix, cur.value);
   else if (suffix === "EXT_CLOCK" && msg.value !== undefined) $("ext-clock").checked = labelOf(cur) === "External";
   else if (suffix === "RUN:SAVE" && msg.value !== undefined) $("run-save").checked = labelOf(cur) === "Yes";
@@ -653,6 +663,7 @@ async function init() {
     state.specPlot = null; drawSpectra();
   }));
   $("start").addEventListener("click", startRun);
+  $("run-trigger").addEventListener("change", () => { state.triggerTouched = true; });
   $("stop").addEventListener("click", () => { state.userStopped = true; write("RUN:STOP", 1); });
   connect();
   route();
