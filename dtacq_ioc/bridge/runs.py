@@ -130,10 +130,11 @@ class RunData:
         try:
 
             def read(k: int) -> tuple[Any, Any]:
-                part = self.parts[which[k]]
-                n = min(block, part.rows)
-                local = int(mids[k] - self.starts[which[k]]) - n // 2
-                local = max(0, min(local, part.rows - n))
+                # Within the column, and within the file holding its middle.
+                part, first = self.parts[which[k]], int(self.starts[which[k]])
+                lo, hi = max(int(edges[k]), first), min(int(edges[k + 1]), first + part.rows)
+                n = min(block, hi - lo)
+                local = max(lo, min(int(mids[k]) - n // 2, hi - n)) - first
                 raw = os.pread(fds[which[k]], n * row_bytes, part.offset + local * row_bytes)
                 x = np.frombuffer(raw, dtype=dtype)[: (len(raw) // row_bytes) * nchan]
                 x = x.reshape(-1, nchan)[:, cols]
