@@ -273,6 +273,7 @@ def test_run_with_trigger_downsample_channels_then_runs_view(page: Any, ioc: Sit
     expect(row).to_be_visible(timeout=T)
     expect(row).to_contain_text("30000")
     expect(row).to_contain_text("ok")
+    expect(row).to_contain_text("pending")  # marked for upload, not yet delivered (sqlite)
     page.fill("#q-name", "no such name at all")
     page.click("#run-search button")
     expect(page.locator("#runs-note")).to_have_text("no runs match", timeout=T)
@@ -304,6 +305,7 @@ def test_auto_repeat_starts_the_next_run(page: Any) -> None:
     page.select_option("#run-trigger", "sample_count")
     page.fill("#run-trigger-args", '{"samples": 5000}')
     page.uncheck("#run-ds-on")
+    page.uncheck("#run-upload")
     page.check("#auto-repeat")
     page.click("#start")
     page.wait_for_function("+document.getElementById('run-count').textContent >= 3", timeout=90_000)
@@ -311,6 +313,7 @@ def test_auto_repeat_starts_the_next_run(page: Any) -> None:
     wait_idle(page)
     runs = page.request.get(urljoin(page.url, "/runs/?name=repeat")).json()
     assert len(runs) >= 3 and all(r["state"] == "complete" for r in runs), runs
+    assert all(r["upload"] == "" for r in runs), runs  # "upload" unchecked reached the card
 
 
 def test_progress_reset_refusal_and_reboot(page: Any, dialogs: Dialogs) -> None:
