@@ -148,6 +148,7 @@ def test_logged_link_writes_and_the_page_says_why_it_cannot(browser: Any, ioc: S
         expect(pg.locator("#access")).to_contain_text("no token", timeout=T)
         expect(pg.locator("#access")).to_contain_text("link with ?token=")
         expect(pg.locator("#start")).to_be_disabled()
+        expect(pg.locator("#card-state")).to_have_text("IDLE", timeout=T)
         shot(pg, "read-only")
         pg.goto(ioc.base + "?token=wrong")
         expect(pg.locator("#access")).to_contain_text("not accepted", timeout=T)
