@@ -247,6 +247,7 @@ def test_run_with_trigger_downsample_channels_then_runs_view(page: Any, ioc: Sit
     page.select_option("#run-trigger", "sample_count")
     page.fill("#run-trigger-args", '{"samples": 30000}')
     # site 1 whole, and channel 2 of site 2 (index 16 + 1)
+    expect(page.locator('.model[data-site="2"]')).to_have_text("ACQ425ELF", timeout=T)
     page.click("#save-none")
     page.locator('.save-site[data-site="1"]').check()
     page.locator('.save-ch[data-index="17"]').check()
@@ -330,6 +331,7 @@ def test_progress_reset_refusal_and_reboot(page: Any, dialogs: Dialogs) -> None:
     )
     assert float(page.locator("#run-elapsed").text_content() or 0) >= 0
     expect(page.locator("#run-samples")).not_to_have_text("0", timeout=T)
+    expect(page.locator("#run-files")).to_have_text("1", timeout=T)
     # the IOC refuses a reset during a run: its own words appear
     page.click("#reset")
     expect(page.locator("#message")).to_contain_text("stop the run first", timeout=T)

@@ -62,7 +62,9 @@ def archive(tmp_path: Path):
     catalog = SqliteCatalog(data_dir / CATALOG_FILE)
     first, samples = write_run(data_dir, "run-a", "Alpha scan", now - 3 * DAY)
     second, _ = write_run(data_dir, "run-b", "beta noise", now)
-    for record in (first, second):
+    big, _ = write_run(data_dir, "run-big", "big", now - 10 * DAY)
+    big.bytes_written = 5 << 30  # as the catalog says: too big for an export in memory
+    for record in (first, second, big):
         catalog.run_finished(record)
     catalog.close()
     return tmp_path, first, samples
@@ -97,7 +99,7 @@ def test_bridge_alone_serves_the_catalog_read_only(archive) -> None:
     base = f"http://127.0.0.1:{port}"
     with bridge_process(cfg, port), httpx.Client(base_url=base, timeout=30.0) as http:
         runs = http.get("/runs/").json()
-        assert [r["run_id"] for r in runs] == ["run-b", "run-a"]
+        assert [r["run_id"] for r in runs] == ["run-b", "run-a", "run-big"]
         assert runs[1]["upload"] == "pending" and runs[1]["samples"] == 2 * ROWS * 2
         assert [r["run_id"] for r in http.get("/runs/?name=ALPHA").json()] == ["run-a"]
         today = time.strftime("%Y-%m-%d", time.gmtime())
@@ -133,6 +135,10 @@ def test_bridge_alone_serves_the_catalog_read_only(archive) -> None:
             arr = np.load(io.BytesIO(z.read("run-a-ch04.npy")))
         assert np.array_equal(arr, samples[4])
         assert http.get("/runs/run-a/export?format=xls").status_code == 400
+        big = http.get("/runs/run-big/export?format=npy")
+        assert (
+            big.status_code == 400 and "use `dtacq-ioc runs export run-big`" in big.json()["error"]
+        )
     assert (catalog.stat().st_mtime_ns, catalog.stat().st_size) == before
 
 

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 EXACT_ROWS = 2_000_000
 BLOCK_BYTES = 32 << 10
 READERS = 16
+EXPORT_MAX_BYTES = 1 << 30
 MAX_WIDTH = 4000
 MAX_LIMIT = 1000
 
@@ -199,6 +200,8 @@ class RunsResource(Resource):
     def __init__(self, data_dir: Path):
         super().__init__()
         self.data_dir = Path(data_dir)
+        # Threads of its own: a long export never holds up the IOC's asyncio.to_thread work.
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="runs-view")
 
     def render_GET(self, request: Any) -> Any:
         path = [p.decode("utf-8", "replace") for p in request.postpath if p]
@@ -214,8 +217,9 @@ class RunsResource(Resource):
         else:
             return self._fail(request, NotFound("no such page under /runs/"))
         # Twisted's thread pool starts only with reactor.run(), which the bridge never
-        # calls (asyncio runs the loop): asyncio's threads do the work.
-        d = Deferred.fromFuture(asyncio.ensure_future(asyncio.to_thread(job)))
+        # calls (asyncio runs the loop).
+        future = asyncio.get_running_loop().run_in_executor(self.pool, job)
+        d = Deferred.fromFuture(future)
         d.addCallbacks(
             lambda result: self._done(request, kind, result),
             lambda failure: self._failed(request, failure),
@@ -307,6 +311,11 @@ class RunsResource(Resource):
         if fmt not in ("csv", "npy"):
             raise RunsError(f"format {fmt!r}: choose csv or npy")
         r = self._record(run_id)
+        if r.bytes_written > EXPORT_MAX_BYTES:  # the export reads the whole run into memory
+            raise RunsError(
+                f"run {run_id} has {r.bytes_written / 1e9:.1f} GB, more than the page exports"
+                f" ({EXPORT_MAX_BYTES / 1e9:.1f} GB); use `dtacq-ioc runs export {run_id}`"
+            )
         with tempfile.TemporaryDirectory(prefix="dtacq-export-") as tmp:
             written = export_run(r, Path(tmp) / "out", fmt)
             fd, zpath = tempfile.mkstemp(prefix="dtacq-export-", suffix=".zip")

@@ -10,7 +10,7 @@ const STATUS = ["STATE", "CONNECTED", "MODEL", "HOST", "SITES", "CLKDIV", "CLKDI
   "RUN:UPLOAD", "RUN:DOWNSAMPLE", "RUN:TRIGGER", "RUN:TRIGGER_ARGS", "RUN:CHANNELS", "RUN:STATE_RBV",
   "RUN:ID_RBV", "RUN:SAMPLES_RBV", "RUN:BYTES_RBV", "RUN:FILE_RBV", "RUN:ELAPSED_RBV", "RUN:LAST_RESULT",
   "RUN:RECENT", "TRIGGERS"];
-const SITE_PVS = ["NCHAN", "GAIN:ALL", "DIVIDER_RBV"];
+const SITE_PVS = ["NCHAN", "MODEL", "GAIN:ALL", "DIVIDER_RBV"];
 
 const state = {
   ws: null, cards: [], card: null, access: {}, values: {}, readonly: true,
@@ -128,7 +128,8 @@ function showAccess() {
   }
   box.textContent = why;
   box.hidden = !why;
-  document.querySelectorAll("button.write").forEach((b) => { b.disabled = state.readonly; });
+  document.querySelectorAll("button.write, select.write-select").forEach((b) => { b.disabled = state.readonly; });
+  showSitesControl();
 }
 
 // --- updates ---
@@ -147,7 +148,7 @@ function update(msg) {
     el.textContent = cur.connected === false ? "(disconnected)" : (shown === undefined ? "" : shown);
     el.className = el.className.replace(/ ?alarm-\w+/g, "") + (cur.severity ? ` alarm-${cur.severity}` : "");
   });
-  const site = suffix.match(/^(\d+):(NCHAN|GAIN:ALL|GAIN:(\d\d))$/);
+  const site = suffix.match(/^(\d+):(NCHAN|MODEL|GAIN:ALL|GAIN:(\d\d))$/);
   if (suffix === "SITES" && cur.text !== undefined) setSites(cur.text);
   else if (site && site[2] === "NCHAN" && cur.value !== undefined) setNchan(+site[1], +cur.value);
   else if (site && site[2].startsWith("GAIN")) showGain(suffix, cur);
@@ -161,6 +162,11 @@ function update(msg) {
   else if (suffix === "RUN:STATE_RBV") runStateChanged(cur.value);
   else if (suffix === "RUN:SAMPLES_RBV" || suffix === "RUN:ELAPSED_RBV") showProgress();
   else if (suffix === "RUN:CHANNELS") showSaveChannels();
+  else if (suffix === "RUN:FILE_RBV") {
+    const m = String(cur.text || "").match(/-(\d+)\.dig$/);  // files are <date>-<n>.dig
+    $("run-files").textContent = m ? +m[1] + 1 : 0;
+  }
+  else if (site && site[2] === "MODEL") showModels();
   else if (suffix === "RUN:TRIGGER" && !state.triggerTouched) $("run-trigger").value = String(cur.value).trim();
   else if (suffix === "RUN:DOWNSAMPLE" && cur.value > 1 && !$("run-ds").value) {
     $("run-ds-on").checked = true; fillInput(suffix, cur.value);
@@ -193,7 +199,32 @@ function setSites(textValue) {
   const sites = String(textValue).split(",").map((s) => +s.trim()).filter((s) => s > 0);
   if (sites.join() === state.sites.join()) return;
   state.sites = sites;
+  state.knownSites = [...new Set([...(state.knownSites || []), ...sites])].sort((a, b) => a - b);
   subscribe(sites.flatMap((s) => SITE_PVS.map((p) => `${s}:${p}`)));
+  buildChannels(); buildSaveChannels(); buildGains(); showSitesControl();
+}
+
+// The modules read out are the card's SITES. Today the IOC serves SITES read-only (set
+// in the config): the choice appears, and is written, only where the PV takes writes.
+function showSitesControl() {
+  const box = $("read-sites");
+  const cur = state.values.SITES || {};
+  const writable = cur.readonly === false;
+  box.hidden = !writable;
+  if (!writable) return;
+  const sites = state.knownSites || [];
+  if (box.querySelectorAll("input").length !== sites.length) {
+    box.querySelector("span").innerHTML = sites.map((s) =>
+      `<label><input type="checkbox" class="read-site" data-site="${s}"> ${s}</label>`).join(" ");
+  }
+  box.querySelectorAll(".read-site").forEach((cb) => { cb.checked = state.sites.includes(+cb.dataset.site); });
+}
+
+function showModels() {
+  for (const s of state.sites) {
+    const model = text(`${s}:MODEL`);
+    document.querySelectorAll(`.model[data-site="${s}"]`).forEach((el) => { el.textContent = model || ""; });
+  }
 }
 
 function setNchan(site, n) {
@@ -276,7 +307,8 @@ function buildSaveChannels() {
   const { offsets } = channelOffsets();
   for (const s of orderedSites()) {
     const row = document.createElement("div");
-    row.innerHTML = `<label><input type="checkbox" class="save-site" data-site="${s}"> <b>site ${s}</b></label> `;
+    row.innerHTML = `<label><input type="checkbox" class="save-site" data-site="${s}"> <b>site ${s}</b>
+      <span class="model" data-site="${s}"></span></label> `;
     for (let ch = 1; ch <= state.nchan[s]; ch++) {
       row.insertAdjacentHTML("beforeend", `<label><input type="checkbox" class="save-ch"
         data-site="${s}" data-index="${offsets[s] + ch - 1}"> ${ch}</label>`);
@@ -288,6 +320,7 @@ function buildSaveChannels() {
     row.querySelectorAll(".save-ch").forEach((cb) => cb.addEventListener("change", () => syncSiteBoxes()));
   }
   showSaveChannels();
+  showModels();
 }
 
 function syncSiteBoxes() {
@@ -662,6 +695,10 @@ async function init() {
     if (state.specPlot) state.specPlot.destroy();
     state.specPlot = null; drawSpectra();
   }));
+  $("set-sites").addEventListener("click", () => {
+    const on = [...document.querySelectorAll(".read-site")].filter((c) => c.checked).map((c) => c.dataset.site);
+    write("SITES", on.join(","));
+  });
   $("start").addEventListener("click", startRun);
   $("run-trigger").addEventListener("change", () => { state.triggerTouched = true; });
   $("stop").addEventListener("click", () => { state.userStopped = true; write("RUN:STOP", 1); });
