@@ -91,12 +91,13 @@ function connect() {
 // LAST_ERROR at once: a LAST_ERROR that changes after our write is shown instead.
 function writeError(msg) {
   if (msg.pv && state.refusal) return;  // the IOC's own words are already up
-  showMessage(msg.message);
+  const last = text("LAST_ERROR");
+  showMessage(msg.message + (msg.pv && last ? ` (the IOC's last error: ${last})` : ""));
 }
 
-function lastErrorChanged(cur, msg, hadValue) {
-  // A new value or a new timestamp (the same refusal again), not the subscription's first.
-  const fresh = hadValue && (msg.text !== undefined || msg.seconds !== undefined);
+function lastErrorChanged(cur, msg, before) {
+  // A new text, not the subscription's first value (nor the same text republished).
+  const fresh = before !== undefined && msg.text !== undefined && msg.text !== before;
   if (!fresh || !cur.text || performance.now() - state.lastWriteAt > 15000) return;
   state.refusal = true;
   showMessage(cur.text);
@@ -138,7 +139,7 @@ function update(msg) {
   const suffix = msg.pv.slice(state.card.prefix.length);
   const first = !state.values[suffix];
   const cur = state.values[suffix] || (state.values[suffix] = {});
-  const hadValue = cur.value !== undefined || cur.text !== undefined;
+  const before = cur.text;
   Object.assign(cur, msg);
   if (msg.readonly !== undefined && suffix === "CLKDIV") { state.readonly = msg.readonly; showAccess(); }
   const arr = decode(msg);
@@ -153,7 +154,7 @@ function update(msg) {
   else if (site && site[2] === "NCHAN" && cur.value !== undefined) setNchan(+site[1], +cur.value);
   else if (site && site[2].startsWith("GAIN")) showGain(suffix, cur);
   else if (suffix === "TRIGGERS") fillTriggers(cur.text);
-  else if (suffix === "LAST_ERROR") lastErrorChanged(cur, msg, hadValue);
+  else if (suffix === "LAST_ERROR") lastErrorChanged(cur, msg, before);
   else if (suffix === "RUN:TRIGGER_ARGS" && !$("run-trigger-args").value && cur.text !== "{}") {
     $("run-trigger-args").value = cur.text || "";
   }
