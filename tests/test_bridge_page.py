@@ -294,6 +294,19 @@ def test_run_with_trigger_downsample_channels_then_runs_view(page: Any, ioc: Sit
     page.wait_for_function("+document.getElementById('rd-plot').dataset.drawn >= 2", timeout=T)
     expect(page.locator("#rd-plot .u-legend")).to_contain_text("ch 17 max")
     shot(page, "runs")
+    # drag across the plot: the range is read again, now a part of the run
+    box = page.locator("#rd-plot .u-over").bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * 0.25, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.5, y, steps=5)
+    page.mouse.up()
+    page.wait_for_function("+document.getElementById('rd-plot').dataset.drawn >= 3", timeout=T)
+    zoomed = re.search(r"samples (\d+)-(\d+) of (\d+)", page.locator("#rd-note").text_content())
+    lo, hi, total = (int(g) for g in zoomed.groups())
+    assert 0 < lo < hi < total and (hi - lo) < total / 2
+    page.click("#rd-full")
+    expect(page.locator("#rd-note")).to_contain_text(f"samples 0-{total} of {total}", timeout=T)
     # files and exports download
     for sel in ("#rd-files a", "#rd-csv", "#rd-npy"):
         resp = page.request.get(urljoin(ioc.base, page.locator(sel).first.get_attribute("href")))

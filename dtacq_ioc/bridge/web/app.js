@@ -655,7 +655,7 @@ async function plotRun() {
   runsView.plot.setData([d.x].concat(chans.flatMap((ch) => [d.min[ch], d.max[ch]])));
   const ms = Math.round(performance.now() - t0);
   el.dataset.drawn = (+(el.dataset.drawn || 0) + 1);
-  $("rd-note").textContent = `samples ${d.start}–${d.end} of ${d.rows}, ${d.width} columns of ` +
+  $("rd-note").textContent = `samples ${d.start}-${d.end} of ${d.rows}, ${d.width} columns of ` +
     `${d.rows_per_column} samples, ${d.exact ? "exact min/max" : "min/max of sampled blocks (zoom in for exact)"}; ` +
     `drawn in ${ms} ms`;
 }
