@@ -121,6 +121,7 @@ def test_bridge_alone_serves_the_catalog_read_only(archive) -> None:
         refused = http.get("/runs/run-a/plot?channels=7")
         assert refused.status_code == 400 and "not a channel of this run" in refused.json()["error"]
         assert http.get("/runs/nope/plot").status_code == 404
+        assert http.get("/runs/run-a/plot/more").json() == {"error": "no such page under /runs/"}
         assert http.get("/runs/nope").json() == {"error": "unknown run id 'nope'"}
 
         export = http.get("/runs/run-a/export?format=csv")

@@ -329,6 +329,8 @@ class RunsResource(Resource):
 
     def _done(self, request: Any, kind: str, result: Any) -> None:
         if request.finished or getattr(request, "_disconnected", False):
+            if kind == "file":
+                os.unlink(result[0])  # the client went away while the export was made
             return
         if kind == "json":
             request.setHeader(b"content-type", b"application/json")
@@ -355,23 +357,20 @@ class RunsResource(Resource):
         FileSender().beginFileTransfer(f, request).addBoth(finish)
 
     def _failed(self, request: Any, failure: Any) -> None:
-        if request.finished:
+        if request.finished or getattr(request, "_disconnected", False):
             return
         exc = failure.value
         if not isinstance(exc, RunsError):
             log.error("runs view: %s", failure.getTraceback())
             exc = RunsError("internal error (logged by the bridge)")
-        self._fail(request, exc)
+        request.write(self._fail(request, exc))
         request.finish()
 
     def _fail(self, request: Any, exc: RunsError) -> bytes:
+        """The error's status and headers set; its one-line JSON body returned."""
         request.setResponseCode(404 if isinstance(exc, NotFound) else 400)
         request.setHeader(b"content-type", b"application/json")
-        body = json.dumps({"error": str(exc)}).encode()
-        if request.startedWriting:
-            return b""
-        request.write(body)
-        return b""
+        return json.dumps({"error": str(exc)}).encode()
 
 
 def _int(args: dict[str, str], key: str, default: int) -> int:
