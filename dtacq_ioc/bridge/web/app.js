@@ -17,7 +17,7 @@ const state = {
   sites: [], nchan: {},            // site -> channel count, as the card reports them
   plotChans: new Set(["1:01"]),    // "site:NN" keys of plotted channels
   units: "V", fftLog: true, wf: {}, spec: {}, freq: {}, wfUpdates: 0, wfPlot: null, specPlot: null,
-  subscribed: new Set(), lastRunState: null, userStopped: false, runsStarted: 0,
+  subscribed: new Set(), knownSites: [], lastRunState: null, userStopped: false, runsStarted: 0,
   lastWriteAt: -1e9, refusal: false,
 };
 
@@ -63,7 +63,7 @@ function connect() {
   if (state.ws) state.ws.close();
   state.card = state.cards[+$("card").value];
   Object.assign(state, { values: {}, wf: {}, spec: {}, freq: {}, subscribed: new Set(), sites: [],
-                         nchan: {}, readonly: true, lastRunState: null });
+                         nchan: {}, knownSites: [], readonly: true, lastRunState: null });
   $("gains").innerHTML = ""; $("channels").innerHTML = ""; $("save-sites").innerHTML = "";
   const token = $("token").value;
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
@@ -200,7 +200,7 @@ function setSites(textValue) {
   const sites = String(textValue).split(",").map((s) => +s.trim()).filter((s) => s > 0);
   if (sites.join() === state.sites.join()) return;
   state.sites = sites;
-  state.knownSites = [...new Set([...(state.knownSites || []), ...sites])].sort((a, b) => a - b);
+  state.knownSites = [...new Set([...state.knownSites, ...sites])].sort((a, b) => a - b);
   subscribe(sites.flatMap((s) => SITE_PVS.map((p) => `${s}:${p}`)));
   buildChannels(); buildSaveChannels(); buildGains(); showSitesControl();
 }
@@ -213,7 +213,7 @@ function showSitesControl() {
   const writable = cur.readonly === false;
   box.hidden = !writable;
   if (!writable) return;
-  const sites = state.knownSites || [];
+  const sites = state.knownSites;
   if (box.querySelectorAll("input").length !== sites.length) {
     box.querySelector("span").innerHTML = sites.map((s) =>
       `<label><input type="checkbox" class="read-site" data-site="${s}"> ${s}</label>`).join(" ");
