@@ -105,9 +105,10 @@ async def start_bridge(config: Config, loop: asyncio.AbstractEventLoop | None = 
     bridge.ports.append(reactor.listenTCP(cfg.port, site, interface=cfg.host))
     log.info("bridge on http://%s:%d/ (PVWS /pvws/pv, nEDM /legacy)", cfg.host, bridge.port)
     if services.tokens.one_time:  # the one place a token is logged: made for this process
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host  # an IPv6 address in a URL
         log.warning(
             "no bridge token configured; to control the cards open http://%s:%d/?token=%s",
-            cfg.host, bridge.port, services.tokens.one_time,
+            host, bridge.port, services.tokens.one_time,
         )  # fmt: skip
     if cfg.legacy_port:
         legacy = make_factory(LegacySession, services)
