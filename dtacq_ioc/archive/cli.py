@@ -167,6 +167,16 @@ def _show(out: Console, catalog: SqliteCatalog, r: RunRecord) -> int:
 
 
 def _export(out: Console, r: RunRecord, directory: Path, fmt: str) -> int:
+    for path in export_run(r, directory, fmt):
+        out.print(str(path), soft_wrap=True)
+    return 0
+
+
+def export_run(r: RunRecord, directory: Path, fmt: str) -> list[Path]:
+    """Write a run's samples (`csv`, or `npy` per channel) and its JSON; the files written.
+
+    RunsError says, in one line, why a run cannot be exported.
+    """
     from dtacq_ioc.archive.dig import DigError, read_run
 
     if not r.files:
@@ -197,9 +207,7 @@ def _export(out: Console, r: RunRecord, directory: Path, fmt: str) -> int:
         json.dumps({"header": header, "bit_shift_applied": shift, "record": r.to_dict()}, indent=1)
     )
     written.append(meta)
-    for path in written:
-        out.print(str(path), soft_wrap=True)
-    return 0
+    return written
 
 
 def _write_csv(path: Path, data: dict[int, np.ndarray], is_float: bool) -> None:

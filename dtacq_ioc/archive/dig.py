@@ -225,8 +225,8 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 4 + n
 
 
-def read_dig(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
-    """Header and {channel: samples} (memory-mapped, read-only) of one file.
+def map_dig(path: str | os.PathLike[str]) -> tuple[dict[str, Any], np.ndarray, int]:
+    """Header, samples as a read-only (rows, channels) memory map, and their file offset.
 
     A file cut short (a crash while writing) reads up to its last whole sample.
     """
@@ -236,14 +236,20 @@ def read_dig(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[int, np
         dtype = sample_dtype(header)
     except (KeyError, ValueError) as exc:
         raise DigError(f"{p}: {exc}") from None
-    channels = [int(c) for c in header["channel_list"]]
-    row = dtype.itemsize * len(channels)
+    nchan = len(header["channel_list"])
+    row = dtype.itemsize * nchan
     rows = (p.stat().st_size - offset) // row if row else 0
     if rows > 0:
-        data = np.memmap(p, dtype=dtype, mode="r", offset=offset, shape=(rows, len(channels)))
+        data = np.memmap(p, dtype=dtype, mode="r", offset=offset, shape=(rows, nchan))
     else:
-        data = np.empty((0, len(channels)), dtype=dtype)
-    return header, {ch: data[:, i] for i, ch in enumerate(channels)}
+        data = np.empty((0, nchan), dtype=dtype)
+    return header, data, offset
+
+
+def read_dig(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
+    """Header and {channel: samples} (memory-mapped, read-only) of one file."""
+    header, data, _ = map_dig(path)
+    return header, {int(ch): data[:, i] for i, ch in enumerate(header["channel_list"])}
 
 
 def file_index(path: str | os.PathLike[str]) -> int:

@@ -96,10 +96,16 @@ class UploadState:
 class SqliteCatalog:
     """The ``Catalog`` over one SQLite file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, readonly: bool = False):
+        """`readonly` opens an existing catalog for reading only (the bridge's runs view)."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        if readonly:
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10.0)
+            self._conn.row_factory = sqlite3.Row
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0)
         self._conn.row_factory = sqlite3.Row
         with self._lock:
@@ -119,12 +125,30 @@ class SqliteCatalog:
     def run_finished(self, record: RunRecord) -> None:
         self._save(record)
 
-    def list_runs(self, limit: int = 50, card: str | None = None) -> list[RunRecord]:
-        sql = "SELECT * FROM runs"
+    def list_runs(
+        self,
+        limit: int = 50,
+        card: str | None = None,
+        name: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> list[RunRecord]:
+        """Newest first; `name` matches part of the measurement name or run id, any case."""
+        where: list[str] = []
         params: list[Any] = []
         if card is not None:
-            sql += " WHERE card = ?"
+            where.append("card = ?")
             params.append(card)
+        if name:
+            where.append("(instr(lower(measurement_name), ?) > 0 OR instr(lower(run_id), ?) > 0)")
+            params += [name.lower(), name.lower()]
+        if since is not None:
+            where.append("started >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("started < ?")
+            params.append(until)
+        sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY started DESC, run_id DESC LIMIT ?"
         params.append(limit)
         with self._lock:

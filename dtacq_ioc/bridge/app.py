@@ -8,6 +8,7 @@ server too when the IOC embeds the bridge).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -69,18 +70,20 @@ async def start_bridge(config: Config, loop: asyncio.AbstractEventLoop | None = 
     from autobahn.twisted.resource import WebSocketResource
     from twisted.web.resource import Resource
     from twisted.web.server import Site
+    from twisted.web.static import Data
 
     from dtacq_ioc.bridge.auth import TokenCheck
     from dtacq_ioc.bridge.files import CardList, DataFiles, WebFiles
     from dtacq_ioc.bridge.legacy import LegacySession
     from dtacq_ioc.bridge.pvws import PvwsSession
+    from dtacq_ioc.bridge.runs import RunsResource
     from dtacq_ioc.bridge.session import Services, make_factory
     from dtacq_ioc.bridge.source import PvSource
 
     cfg = config.bridge
     source = PvSource()
     await source.start()
-    services = Services(config=config, source=source, tokens=TokenCheck(cfg.tokens))
+    services = Services(config=config, source=source, tokens=TokenCheck.for_bridge(cfg))
     if not services.tokens.enabled:
         log.info("no bridge token configured: the bridge is read-only")
 
@@ -92,12 +95,21 @@ async def start_bridge(config: Config, loop: asyncio.AbstractEventLoop | None = 
     root.putChild(b"data", DataFiles(str(config.archive.data_dir)))
     cards = [{"name": c.name, "host": c.host, "prefix": c.prefix} for c in config.cards]
     root.putChild(b"cards.json", CardList(cards))
+    root.putChild(b"runs", RunsResource(config.archive.data_dir))
+    access = {"tokens": services.tokens.enabled, "one_time": bool(services.tokens.one_time)}
+    root.putChild(b"access.json", Data(json.dumps(access).encode(), "application/json"))
     site = Site(root)
     site.displayTracebacks = False
 
     bridge = Bridge(services)
     bridge.ports.append(reactor.listenTCP(cfg.port, site, interface=cfg.host))
     log.info("bridge on http://%s:%d/ (PVWS /pvws/pv, nEDM /legacy)", cfg.host, bridge.port)
+    if services.tokens.one_time:  # the one place a token is logged: made for this process
+        host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host  # an IPv6 address in a URL
+        log.warning(
+            "no bridge token configured; to control the cards open http://%s:%d/?token=%s",
+            host, bridge.port, services.tokens.one_time,
+        )  # fmt: skip
     if cfg.legacy_port:
         legacy = make_factory(LegacySession, services)
         bridge.ports.append(reactor.listenTCP(cfg.legacy_port, legacy, interface=cfg.host))
