@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from support import ROOT
 
+from dtacq_ioc.card.models import MODULES
 from dtacq_ioc.config import ConfigError, load_config, parse_config
 
 
@@ -42,7 +43,7 @@ def test_every_error_is_one_line_naming_file_and_key(tmp_path):
         "[cards.sim]\n[[cards.sim.sites]]\nmodule='ACQ999'\n"
     )
     with pytest.raises(ConfigError) as err:
-        load_config(bad)
+        load_config(bad, MODULES)
     lines = err.value.lines
     keys = [line.split(": ")[1] for line in lines]
     assert all(line.startswith(f"{bad}: ") and "\n" not in line for line in lines)

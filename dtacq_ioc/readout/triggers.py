@@ -336,7 +336,7 @@ class TriggerRegistry:
     def __init__(self, trigger_dir: Path | None = None):
         self.trigger_dir = trigger_dir
 
-    def _load_files(self) -> tuple[dict[str, type[Trigger]], list[str]]:
+    def _load_files(self, quiet: bool = False) -> tuple[dict[str, type[Trigger]], list[str]]:
         found: dict[str, type[Trigger]] = {}
         broken: list[str] = []
         if self.trigger_dir is None or not self.trigger_dir.is_dir():
@@ -346,7 +346,8 @@ class TriggerRegistry:
                 module = _import_file(path)
             except Exception as exc:
                 line = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                log.error("trigger file %s failed to import: %s", path, line, exc_info=True)
+                if not quiet:
+                    log.error("trigger file %s failed to import: %s", path, line, exc_info=True)
                 broken.append(f"{path.name} ({line})")
                 continue
             for cls in vars(module).values():
@@ -361,6 +362,10 @@ class TriggerRegistry:
                         continue
                     found[name] = cls
         return found, broken
+
+    def import_errors(self) -> list[str]:
+        """'file.py (reason)' for each trigger file that does not import; nothing logged."""
+        return self._load_files(quiet=True)[1]
 
     def names(self) -> list[str]:
         files, _ = self._load_files()
