@@ -9,11 +9,13 @@ import textwrap
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dtacq_ioc.archive.catalog import Catalog, CouchCatalog, open_catalog
+from dtacq_ioc.archive.dig import DigWriter, dig_name, read_run
 from dtacq_ioc.archive.records import RunFile, RunRecord, sha256_of
-from dtacq_ioc.archive.sqlite import CATALOG_FILE, SqliteCatalog
+from dtacq_ioc.archive.sqlite import CATALOG_FILE, RESERVE_BYTES, SqliteCatalog
 from dtacq_ioc.config import ArchiveConfig
 
 HEADER = {
@@ -186,4 +188,35 @@ def test_recover_interrupted_after_kill(tmp_path):
     assert gone.state == "interrupted" and gone.files == []
     assert "missing files: g-0.dig" in gone.fault
     assert catalog.recover_interrupted() == []  # nothing left running
+    catalog.close()
+
+
+def test_a_recovered_run_counts_its_samples_from_its_files(tmp_path):
+    """Killed mid-run: samples from the files as reading them gives; empty files go."""
+    catalog = SqliteCatalog(tmp_path / CATALOG_FILE)
+    directory = tmp_path / "DIG1" / "r"
+    directory.mkdir(parents=True)
+    rows = np.arange(123 * 4, dtype="<i4").reshape(123, 4)
+    with DigWriter(directory / dig_name("d", 0), HEADER) as dig:
+        dig.write(rows)
+    with open(directory / dig_name("d", 0), "ab") as f:
+        f.write(b"\0" * 7)  # a sample cut short by the kill
+    with DigWriter(directory / dig_name("d", 1), {**HEADER, "file_index": 1}) as dig:
+        dig.write(rows[:20])
+    (directory / dig_name("d", 2)).touch()  # opened, killed before its header
+    catalog.run_started(RunRecord(run_id="r", card="DIG1", started=5.0, header=HEADER))
+    (recovered,) = catalog.recover_interrupted()
+    _, chans = read_run(directory)
+    assert recovered.samples == catalog.get_run("r").samples == len(chans[0]) == 143
+    assert [f.name for f in recovered.files] == [dig_name("d", 0), dig_name("d", 1)]
+    assert not (directory / dig_name("d", 2)).exists()
+    catalog.close()
+
+
+def test_the_catalog_keeps_room_beside_it(tmp_path):
+    catalog = SqliteCatalog(tmp_path / CATALOG_FILE)
+    assert catalog.reserve.stat().st_size == RESERVE_BYTES
+    catalog.reserve.unlink()  # given up for a full disk: made again once there is room
+    catalog.run_started(RunRecord(run_id="r", card="DIG1", started=5.0))
+    assert catalog.reserve.stat().st_blocks * 512 >= RESERVE_BYTES  # allocated, not sparse
     catalog.close()
