@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_faults import small_disk
 
 from dtacq_ioc.archive.catalog import Catalog, CouchCatalog, open_catalog
 from dtacq_ioc.archive.dig import DigWriter, dig_name, read_run
@@ -220,3 +222,19 @@ def test_the_catalog_keeps_room_beside_it(tmp_path):
     catalog.run_started(RunRecord(run_id="r", card="DIG1", started=5.0))
     assert catalog.reserve.stat().st_blocks * 512 >= RESERVE_BYTES  # allocated, not sparse
     catalog.close()
+
+
+def test_on_a_full_disk_the_reserve_still_closes_the_row(tmp_path):
+    with small_disk(tmp_path / "disk", 4) as disk:
+        catalog = SqliteCatalog(disk / CATALOG_FILE)
+        record = RunRecord(run_id="r", card="DIG1", started=5.0, header=HEADER)
+        catalog.run_started(record)
+        # The run that fills the disk.
+        with open(disk / "run.dig", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+        record.state, record.fault = "fault", "writing run.dig: No space left on device"
+        record.log = "x" * 200_000  # a row of many pages: it cannot fit in what is left
+        catalog.run_finished(record)
+        assert catalog.get_run("r").fault == record.fault and not catalog.reserve.exists()
+        catalog.close()
