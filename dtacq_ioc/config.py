@@ -680,6 +680,9 @@ def _bridge(t: _Table) -> BridgeConfig:
     )
     if b.legacy_port and b.legacy_port == b.port:
         t.error(t.path("legacy_port"), f"{b.legacy_port} is also bridge.port")
+    for i, token in enumerate(b.tokens):
+        if token.literal == "":  # would be ignored: writes refused to everyone, silently
+            t.error(f"{t.path('tokens')}[{i}]", "must not be empty")
     t.finish()
     return b
 

@@ -236,6 +236,8 @@ VARIANTS = [
     ("legacy-port-is-port", lambda b, t: t.replace(
         f"port = {b.bridge_port}", f"port = {b.bridge_port}\nlegacy_port = {b.bridge_port}"),
      "bridge.legacy_port", "also bridge.port"),
+    ("token-empty", replace('tokens = [{ env = "DTACQ_BRIDGE_TOKEN" }]', 'tokens = [""]'),
+     "bridge.tokens[0]", "must not be empty"),
     ("tokens-type", replace('tokens = [{ env = "DTACQ_BRIDGE_TOKEN" }]', "tokens = [1]"),
      "bridge.tokens[0]", "string"),
     ("card-host-garbage", lambda b, t: t.replace(b.hosts[0], "999.1.1.1"),
