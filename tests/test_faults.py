@@ -72,6 +72,15 @@ def shown(config: Path, run_id: str) -> dict[str, str]:
     return dict(re.findall(r"^(samples|state)\s+(.+?)\s*$", out, re.MULTILINE))
 
 
+def recorded(data_dir: Path) -> list:
+    """The catalog's rows, read as `dtacq-ioc runs` reads them while the IOC runs."""
+    catalog = SqliteCatalog(data_dir / "runs.sqlite")
+    try:
+        return catalog.list_runs()
+    finally:
+        catalog.close()
+
+
 def file_samples(files: list) -> int:
     _, chans = read_run(files)
     return len(chans[0])
@@ -234,16 +243,12 @@ def test_a_full_disk_closes_the_run_with_its_reason_and_refuses_the_next(tmp_pat
         wait_for(lambda: caget(ioc.pv("RUN:SAMPLES_RBV")) == samples, "the readback on the files")
         row = shown(config, result["run_id"])
         assert row["samples"] == str(samples) and row["state"].startswith("fault: ")
-        catalog = SqliteCatalog(data / "runs.sqlite")
-        try:
-            assert "No space left" in catalog.get_run(result["run_id"]).fault
-        finally:
-            catalog.close()
+        assert "No space left" in recorded(data)[0].fault
         assert all(p.stat().st_size > 0 for p in data.rglob("*.dig"))
         # The disk is still full: the next run is refused, in words, and leaves nothing.
-        before = sorted(p.name for p in (data / "C1").iterdir())
+        assert [p.name for p in (data / "C1").iterdir()] == [result["run_id"]]
         assert_put_refused(ioc.pv("RUN:START"), 1)
-        assert "no room for a run" in castr(ioc.pv("LAST_ERROR"))
-        assert sorted(p.name for p in (data / "C1").iterdir()) == before
-        assert result["run_id"] in runs_cli(config, "list") and len(before) == 1
+        wait_for(lambda: "no room for a run" in castr(ioc.pv("LAST_ERROR")), "the reason shown")
+        assert [p.name for p in (data / "C1").iterdir()] == [result["run_id"]]
+        assert [r.run_id for r in recorded(data)] == [result["run_id"]]
         assert caget(ioc.pv("STATE"), as_string=True) == "IDLE"
