@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dtacq_ioc.archive.dig import DigError, file_index, read_header, run_files, sample_dtype
+from dtacq_ioc.archive.dig import file_index, read_dig, run_files
 from dtacq_ioc.archive.records import RunFile, RunRecord, sha256_of
 
 log = logging.getLogger(__name__)
@@ -288,14 +288,12 @@ def _samples_in(path: Path) -> int:
     """Whole samples in a .dig file, as reading it gives them (raw samples, so times
     the downsampling of a float file); 0 for a file that is not readable as one."""
     try:
-        header, offset = read_header(path)
-        row = sample_dtype(header).itemsize * len(header["channel_list"])
-        size = path.stat().st_size
-    except (OSError, DigError, KeyError, ValueError, TypeError) as exc:
+        header, channels = read_dig(path)  # memory-mapped: nothing is read but the header
+    except (OSError, ValueError, TypeError) as exc:  # DigError is a ValueError
         log.warning("%s: no samples counted: %s", path, exc)
         return 0
-    per_row = int(header.get("downsample") or 1) if header.get("is_float") else 1
-    return (size - offset) // row * per_row if row else 0
+    rows = len(next(iter(channels.values()))) if channels else 0
+    return rows * (int(header.get("downsample") or 1) if header.get("is_float") else 1)
 
 
 def _rescan(f: RunFile) -> RunFile:
