@@ -83,7 +83,7 @@ def _scope(args: argparse.Namespace) -> Scope:
     if args.command == "sim":
         return Scope(ca=False, bridge=False)
     if args.command == "bridge":
-        return Scope(ca=False, sim=False)
+        return Scope(ca=False, sim=False, bridge_alone=True)
     return FULL if args.command == "check" else FILE_ONLY
 
 

@@ -33,6 +33,7 @@ class Scope:
     ca: bool = True  # the IOC's Channel Access server and its directories
     bridge: bool = True  # the browser bridge's ports (when the config enables it)
     sim: bool = True  # the simulator's ports on each simulated card's host
+    bridge_alone: bool = False  # `dtacq-ioc bridge` serves whether or not [bridge] enables it
 
 
 FULL = Scope()
@@ -55,7 +56,7 @@ def check_config(
         problems += directory_problems(config)
         problems += couchdb_problems(config, env)
         problems += [(f"ioc.interfaces[{i}]", r) for i, r in _interfaces(config)]
-    if scope.bridge and config.bridge.enabled:
+    if scope.bridge and (config.bridge.enabled or scope.bridge_alone):
         problems += bridge_problems(config, env)
     if scope.sim:
         problems += sim_problems(config)

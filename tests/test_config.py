@@ -347,3 +347,24 @@ def test_file_only_commands_do_not_probe_the_machine(base):
 def test_systemd_does_not_restart_on_a_config_error():
     unit = (ROOT / "ioc_configs" / "systemd" / "dtacq-ioc@.service").read_text().splitlines()
     assert "Restart=on-failure" in unit and "RestartPreventExitStatus=2" in unit
+
+
+def test_the_bridge_alone_is_refused_a_port_in_use_though_run_would_not_start_it(base):
+    path = base.dir / "sim.toml"
+    path.write_text(base.text().replace("enabled = true", "enabled = false"))
+    base.listen("127.0.0.1", base.bridge_port)
+    res = subprocess.run(
+        [sys.executable, "-m", "dtacq_ioc", "bridge", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2
+    assert res.stderr == f"{path}: bridge.port: port {base.bridge_port} on 127.0.0.1 is in use\n"
+    res = subprocess.run(
+        [sys.executable, "-m", "dtacq_ioc", "check", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (res.returncode, res.stderr) == (0, "")  # `run` would not start the bridge
