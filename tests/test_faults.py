@@ -24,6 +24,7 @@ from ioc_support import caget, castr, ioc_process, ioc_toml, new_prefix, wait_fo
 from test_ioc import assert_put_refused, put, sim_knob
 
 from dtacq_ioc.archive.dig import read_run
+from dtacq_ioc.archive.records import sha256_of
 from dtacq_ioc.archive.sqlite import SqliteCatalog
 
 
@@ -243,7 +244,11 @@ def test_a_full_disk_closes_the_run_with_its_reason_and_refuses_the_next(tmp_pat
         wait_for(lambda: caget(ioc.pv("RUN:SAMPLES_RBV")) == samples, "the readback on the files")
         row = shown(config, result["run_id"])
         assert row["samples"] == str(samples) and row["state"].startswith("fault: ")
-        assert "No space left" in recorded(data)[0].fault
+        (record,) = recorded(data)
+        assert "No space left" in record.fault
+        # Each file is what the catalog says: a write cut short by the disk was cut back.
+        for f in record.files:
+            assert (f.size, f.sha256) == (Path(f.path).stat().st_size, sha256_of(f.path))
         assert all(p.stat().st_size > 0 for p in data.rglob("*.dig"))
         # The disk is still full: the next run is refused, in words, and leaves nothing.
         assert [p.name for p in (data / "C1").iterdir()] == [result["run_id"]]
