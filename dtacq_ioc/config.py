@@ -350,7 +350,7 @@ class _Table:
     def ints(self, name: str, allowed: range | None = None) -> tuple[int, ...]:
         """A list of integers (never booleans), each in `allowed`; bad entries are dropped."""
         values = self.get(name, list, [])
-        good = []
+        good: list[int] = []
         for i, v in enumerate(values):
             if isinstance(v, bool) or not isinstance(v, int):
                 self.error(f"{self.path(name)}[{i}]", f"must be an integer, not {v!r}")

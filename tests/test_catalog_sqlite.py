@@ -238,3 +238,16 @@ def test_on_a_full_disk_the_reserve_still_closes_the_row(tmp_path):
         catalog.run_finished(record)
         assert catalog.get_run("r").fault == record.fault and not catalog.reserve.exists()
         catalog.close()
+
+
+def test_a_recovered_downsampled_run_counts_the_samples_its_means_stand_for(tmp_path):
+    catalog = SqliteCatalog(tmp_path / CATALOG_FILE)
+    directory = tmp_path / "DIG1" / "ds"
+    directory.mkdir(parents=True)
+    header = {**HEADER, "is_float": True, "byte_depth": 8, "bit_shift": 0, "downsample": 4}
+    with DigWriter(directory / dig_name("d", 0), header) as dig:
+        dig.write(np.zeros((10, 4), dtype="<f8"))
+    catalog.run_started(RunRecord(run_id="ds", card="DIG1", started=5.0, header=header))
+    (recovered,) = catalog.recover_interrupted()
+    assert recovered.samples == 40  # 10 means of 4, as a run that ended well records them
+    catalog.close()
