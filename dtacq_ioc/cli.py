@@ -8,9 +8,13 @@ import sys
 from pathlib import Path
 
 from dtacq_ioc import __version__
-from dtacq_ioc.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+from dtacq_ioc.config import DEFAULT_CONFIG, Config, ConfigError
+from dtacq_ioc.preflight import FILE_ONLY, FULL, Scope, check_config
 
 log = logging.getLogger("dtacq_ioc")
+
+# A config that cannot work: systemd's unit does not restart on it (RestartPreventExitStatus).
+EXIT_CONFIG = 2
 
 
 def _default_config() -> Path:
@@ -72,8 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: Path | None) -> Config:
-    return load_config(path or _default_config())
+def _scope(args: argparse.Namespace) -> Scope:
+    """What the command will start, so that is what gets checked before it starts."""
+    if args.command == "run":
+        return Scope(sim=not args.no_sim)
+    if args.command == "sim":
+        return Scope(ca=False, bridge=False)
+    if args.command == "bridge":
+        return Scope(ca=False, sim=False, bridge_alone=True)
+    return FULL if args.command == "check" else FILE_ONLY
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return check_config(getattr(args, "config", None) or _default_config(), _scope(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,11 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("caproto.ch", "caproto.ctx"):
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        config = _load(getattr(args, "config", None))
+        config = _load(args)
     except ConfigError as exc:
         for line in exc.lines:
             sys.stderr.write(f"{line}\n")
-        return 2
+        return EXIT_CONFIG
     return _dispatch(args, config)
 
 

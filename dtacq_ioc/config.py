@@ -8,14 +8,20 @@ a config means the same thing whatever directory the service starts in.
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
+import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit
 
-from dtacq_ioc.card.models import MODULES, module_spec
+# The ground floor: nothing of the package is imported here. Module facts are given by
+# the caller (dtacq_ioc.preflight passes card.models.MODULES); what needs the file system
+# or the network is checked there too, on the parsed Config.
 
 T = TypeVar("T")
 
@@ -25,6 +31,23 @@ CARRIERS = ("acq2106", "acq1001")
 BACKENDS = ("sqlite", "couchdb")
 COUNTER_ERROR_POLICIES = ("stop", "continue")
 COUCH_AUTH = ("cookie", "basic")
+SITES = range(1, 7)
+DEFAULT_MODULE = "ACQ425ELF"
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class ModuleFacts(Protocol):
+    """What the parser checks a module name's settings against (card.models.ModuleSpec)."""
+
+    @property
+    def nchan(self) -> int: ...
+
+    @property
+    def gain_codes(self) -> tuple[int, ...]: ...
+
+
+Modules = Mapping[str, ModuleFacts]
 
 
 class ConfigError(Exception):
@@ -209,14 +232,26 @@ class Config:
         raise KeyError(name)
 
 
+@dataclass
+class _Context:
+    """What every table of one file shares: its problems so far, and how to judge values."""
+
+    file: str
+    base_dir: Path
+    modules: Modules | None  # None: module names are not checked
+    errors: list[str] = field(default_factory=list)
+
+
 class _Table:
     """A view of one TOML table that records every problem with its dotted key."""
 
-    def __init__(self, errors: list[str], file: str, data: Any, key: str, base_dir: Path):
-        self.errors = errors
-        self.file = file
+    def __init__(self, ctx: _Context, data: Any, key: str):
+        self.ctx = ctx
+        self.errors = ctx.errors
+        self.file = ctx.file
         self.key = key
-        self.base_dir = base_dir
+        self.base_dir = ctx.base_dir
+        self.modules = ctx.modules
         if not isinstance(data, dict):
             self.error(key, f"must be a table, not {type(data).__name__}")
             data = {}
@@ -248,6 +283,9 @@ class _Table:
         if bad_bool or not isinstance(value, kinds):
             names = " or ".join(k.__name__ for k in kinds)
             self.error(self.path(name), f"must be {names}, not {type(value).__name__} {value!r}")
+            return default
+        if isinstance(value, float) and not math.isfinite(value):
+            self.error(self.path(name), f"must be a finite number, not {value}")
             return default
         if check is not None:
             reason = check(value)
@@ -309,11 +347,27 @@ class _Table:
                 return default
         return tuple(values)
 
+    def ints(self, name: str, allowed: range | None = None) -> tuple[int, ...]:
+        """A list of integers (never booleans), each in `allowed`; bad entries are dropped."""
+        values = self.get(name, list, [])
+        good: list[int] = []
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, int):
+                self.error(f"{self.path(name)}[{i}]", f"must be an integer, not {v!r}")
+            elif allowed is not None and v not in allowed:
+                self.error(
+                    f"{self.path(name)}[{i}]", f"{v} out of {allowed.start}..{allowed.stop - 1}"
+                )
+            else:
+                good.append(v)
+        return tuple(good)
+
+    def host(self, name: str, default: str) -> str:
+        return self.get(name, str, default, host_problem)
+
     def table(self, name: str) -> _Table:
         self.used.add(name)
-        return _Table(
-            self.errors, self.file, self.data.get(name, {}), self.path(name), self.base_dir
-        )
+        return _Table(self.ctx, self.data.get(name, {}), self.path(name))
 
     def tables(self, name: str) -> list[_Table]:
         self.used.add(name)
@@ -321,10 +375,7 @@ class _Table:
         if not isinstance(values, list):
             self.error(self.path(name), "must be an array of tables ([[...]])")
             return []
-        return [
-            _Table(self.errors, self.file, v, f"{self.path(name)}[{i}]", self.base_dir)
-            for i, v in enumerate(values)
-        ]
+        return [_Table(self.ctx, v, f"{self.path(name)}[{i}]") for i, v in enumerate(values)]
 
     def has(self, name: str) -> bool:
         return name in self.data
@@ -367,31 +418,29 @@ def _faults(t: _Table) -> FaultConfig:
 
 
 def _module_name(t: _Table, name: str = "module") -> str:
-    return t.get(
-        name,
-        str,
-        "ACQ425ELF",
-        lambda v: None if v in MODULES else f"unknown module {v!r}; known: {', '.join(MODULES)}",
-    )
+    return t.get(name, str, DEFAULT_MODULE, lambda v: _unknown_module(t.modules, v))
+
+
+def _unknown_module(modules: Modules | None, name: str) -> str | None:
+    if modules is None or name in modules:
+        return None
+    return f"unknown module {name!r}; known: {', '.join(modules)}"
 
 
 def _sim_site(t: _Table) -> SimSiteConfig:
-    site = t.get("site", int, 1, lambda v: None if 1 <= v <= 6 else f"site {v} out of 1..6")
+    site = t.get("site", int, 1, lambda v: None if v in SITES else f"site {v} out of 1..6")
     module = _module_name(t)
     signals = tuple(_signal(s, 0.0) for s in t.tables("signals"))
-    gains = t.get("gains", list, [])
-    spec = module_spec(module) if module in MODULES else None
-    for i, g in enumerate(gains):
-        if not isinstance(g, int) or (spec and g not in spec.gain_codes):
-            t.error(f"{t.path('gains')}[{i}]", f"bad gain code {g!r}")
-    if spec and len(signals) > spec.nchan:
-        t.error(t.path("signals"), f"{len(signals)} signals for {spec.nchan} channels")
+    gains = t.ints("gains")
+    spec = t.modules.get(module) if t.modules is not None else None
+    if spec is not None:
+        for i, g in enumerate(gains):
+            if g not in spec.gain_codes:
+                t.error(f"{t.path('gains')}[{i}]", f"{g} is not a gain code of {module}")
+        if len(signals) > spec.nchan:
+            t.error(t.path("signals"), f"{len(signals)} signals for {spec.nchan} channels")
     s = SimSiteConfig(
-        site=site,
-        module=module,
-        part_num=t.get("part_num", str, ""),
-        signals=signals,
-        gains=tuple(g for g in gains if isinstance(g, int)),
+        site=site, module=module, part_num=t.get("part_num", str, ""), signals=signals, gains=gains
     )
     t.finish()
     return s
@@ -448,49 +497,47 @@ def _card(t: _Table) -> CardConfig:
     name = t.get("name", str, "", lambda v: None if v.isidentifier() else "must be an identifier")
     if not t.has("name"):
         t.error(t.path("name"), "missing")
-    host = t.get("host", str, "")
-    if not host:
+    host = t.host("host", "")
+    if not t.has("host"):
         t.error(t.path("host"), "missing")
     prefix = t.get("prefix", str, "", _prefix_check)
     if not t.has("prefix"):
         t.error(t.path("prefix"), "missing")
-    sites = t.get("sites", list, [])
-    for i, s in enumerate(sites):
-        if not isinstance(s, int) or not 1 <= s <= 6:
-            t.error(f"{t.path('sites')}[{i}]", f"site {s!r} out of 1..6")
+    sites = t.ints("sites", SITES)
+    if len(set(sites)) != len(sites):
+        t.error(t.path("sites"), f"site numbers repeat: {list(sites)}")
     modules = _modules(t.table("modules"))
     sim = _sim(t.table("sim")) if t.has("sim") else None
     if sim is not None and not modules:
         modules = {s.site: s.module for s in sim.sites}
     for s in sites:
-        if isinstance(s, int) and modules and s not in modules:
+        if modules and s not in modules:
             t.error(t.path("sites"), f"site {s} has no module in [cards.modules]")
+    if sim is not None:
+        _check_simulated(t, modules, {s.site: s.module for s in sim.sites})
     if not modules and name:
         t.error(t.path("modules"), 'missing: e.g. [cards.modules] 1 = "ACQ425ELF"')
-    labels_table = t.table("gain_labels")
-    gain_labels: dict[str, tuple[str, ...]] = {}
-    for module in list(labels_table.data):
-        if module not in MODULES:
-            labels_table.error(labels_table.path(module), f"unknown module {module!r}")
-            labels_table.used.add(module)
-            continue
-        labels = labels_table.strings(module)
-        ncodes = len(module_spec(module).gain_codes)
-        if labels and len(labels) != ncodes:
-            labels_table.error(
-                labels_table.path(module), f"needs {ncodes} labels, got {len(labels)}"
-            )
-        elif labels:
-            gain_labels[module] = labels
-    labels_table.finish()
+    gain_labels = _gain_labels(t.table("gain_labels"))
+    sites = sites or tuple(sorted(modules))
+    knob_port_base = t.port("knob_port_base", d.knob_port_base)
+    stream_port = t.port("stream_port", d.stream_port)
+    # Site 0 is the carrier's own knob service.
+    knob_ports = [knob_port_base + s for s in (0, *sites)]
+    if knob_ports and max(knob_ports) > 65535:
+        t.error(
+            t.path("knob_port_base"),
+            f"{knob_port_base} + site {max(sites, default=0)} is past port 65535",
+        )
+    elif stream_port in knob_ports:
+        t.error(t.path("stream_port"), f"{stream_port} is also a knob port ({knob_port_base}+site)")
     card = CardConfig(
         name=name,
         host=host,
         prefix=prefix,
-        sites=tuple(s for s in sites if isinstance(s, int)) or tuple(sorted(modules)),
+        sites=sites,
         modules=modules,
-        knob_port_base=t.port("knob_port_base", d.knob_port_base),
-        stream_port=t.port("stream_port", d.stream_port),
+        knob_port_base=knob_port_base,
+        stream_port=stream_port,
         timeout_s=t.positive("timeout_s", float, d.timeout_s),
         buffer_bytes=t.positive("buffer_bytes", int, 0, allow_zero=True),
         gain_labels=gain_labels,
@@ -501,10 +548,38 @@ def _card(t: _Table) -> CardConfig:
     return card
 
 
+def _check_simulated(t: _Table, modules: dict[int, str], simulated: dict[int, str]) -> None:
+    """The simulator must play the modules the IOC expects, or the card starts in FAULT."""
+    for site, module in modules.items():
+        if site not in simulated:
+            t.error(t.path(f"modules.{site}"), f"site {site} is not simulated in [cards.sim]")
+        elif simulated[site] != module:
+            t.error(
+                t.path(f"modules.{site}"),
+                f"{module}, but the simulated site {site} is a {simulated[site]}",
+            )
+
+
+def _gain_labels(t: _Table) -> dict[str, tuple[str, ...]]:
+    gain_labels: dict[str, tuple[str, ...]] = {}
+    for module in list(t.data):
+        labels = t.strings(module)
+        reason = _unknown_module(t.modules, module)
+        spec = t.modules.get(module) if t.modules is not None else None
+        if reason:
+            t.error(t.path(module), reason)
+        elif spec is not None and labels and len(labels) != len(spec.gain_codes):
+            t.error(t.path(module), f"needs {len(spec.gain_codes)} labels, got {len(labels)}")
+        elif labels:
+            gain_labels[module] = labels
+    t.finish()
+    return gain_labels
+
+
 def _modules(t: _Table) -> dict[int, str]:
     modules: dict[int, str] = {}
     for key in list(t.data):
-        if not key.isdigit() or not 1 <= int(key) <= 6:
+        if not key.isdigit() or int(key) not in SITES:
             t.error(t.path(key), "site numbers 1..6 are the keys")
             t.used.add(key)
             continue
@@ -520,11 +595,24 @@ def _ioc(t: _Table) -> IocConfig:
         write_hosts=a.strings("write_hosts"), write_users=a.strings("write_users")
     )
     a.finish()
-    name = t.get("name", str, d.name)
+    # The name makes the autosave file's name: no separators, no dot files.
+    name = t.get(
+        "name",
+        str,
+        d.name,
+        lambda v: None if _NAME.fullmatch(v) else "must be letters, digits, '_', '-' or '.'",
+    )
+    interfaces = t.strings("interfaces", d.interfaces)
+    if not interfaces and t.has("interfaces"):
+        t.error(t.path("interfaces"), "is empty: Channel Access would be served nowhere")
+    for i, iface in enumerate(interfaces):
+        reason = _ip_problem(iface)
+        if reason:
+            t.error(f"{t.path('interfaces')}[{i}]", reason)
     ioc = IocConfig(
         name=name,
         prefix=t.get("prefix", str, f"DTACQ:{name}:", _prefix_check),
-        interfaces=t.strings("interfaces", d.interfaces),
+        interfaces=interfaces or d.interfaces,
         display_rate_hz=t.get(
             "display_rate_hz",
             float,
@@ -556,9 +644,13 @@ def _archive(t: _Table) -> ArchiveConfig:
         user=c.secret("user", dc.user),
         password=c.secret("password", dc.password),
         auth=c.choice("auth", COUCH_AUTH, dc.auth),
-        file_server=c.get("file_server", str, ""),
+        file_server=c.get("file_server", str, "", lambda v: v and url_problem(v, show=True)),
         timeout_s=c.positive("timeout_s", float, dc.timeout_s),
     )
+    if couch.url.literal is not None:
+        reason = url_problem(couch.url.literal, show=False)
+        if reason:
+            c.error(c.path("url"), reason)
     c.finish()
     archive = ArchiveConfig(
         backend=t.choice("backend", BACKENDS, d.backend),
@@ -577,7 +669,7 @@ def _bridge(t: _Table) -> BridgeConfig:
     d = BridgeConfig()
     b = BridgeConfig(
         enabled=t.get("enabled", bool, d.enabled),
-        host=t.get("host", str, d.host),
+        host=t.host("host", d.host),
         port=t.port("port", d.port),
         legacy_port=t.get(
             "legacy_port", int, 0, lambda v: None if 0 <= v < 65536 else f"port {v} out of range"
@@ -586,47 +678,124 @@ def _bridge(t: _Table) -> BridgeConfig:
         slow_client_timeout_s=t.positive("slow_client_timeout_s", float, d.slow_client_timeout_s),
         max_message_bytes=t.positive("max_message_bytes", int, d.max_message_bytes),
     )
+    if b.legacy_port and b.legacy_port == b.port:
+        t.error(t.path("legacy_port"), f"{b.legacy_port} is also bridge.port")
+    for i, token in enumerate(b.tokens):
+        if token.literal == "":  # would be ignored: writes refused to everyone, silently
+            t.error(f"{t.path('tokens')}[{i}]", "must not be empty")
     t.finish()
     return b
 
 
-def parse_config(text: str, path: Path) -> Config:
-    """Parse TOML text as if read from ``path``; raise ConfigError listing every problem."""
+def host_problem(host: str) -> str | None:
+    """None for an IP address or a host name (RFC 1123), else the reason."""
+    if _ip_problem(host) is None:
+        return None
+    labels = host.removesuffix(".").split(".")
+    if not host or len(host) > 253 or not all(_HOST_LABEL.fullmatch(x) for x in labels):
+        return f"{host!r} is neither an IP address nor a host name"
+    if labels[-1].isdigit():  # all-numeric names are meant as addresses: 999.1.1.1, 10.1
+        return f"{host!r} is not a valid IP address"
+    return None
+
+
+def _ip_problem(address: str) -> str | None:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return f"{address!r} is not an IP address"
+    return None
+
+
+def url_problem(url: str, show: bool) -> str | None:
+    """None for an http(s) URL with a valid host and port; `show` puts the URL in the reason
+    (never for one that may carry credentials)."""
+    what = f"{url!r}" if show else "the URL"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port that is not a number in 0..65535
+    except ValueError as exc:
+        return f"{what} does not parse ({exc})"
+    if parts.scheme not in ("http", "https"):
+        return f"{what} must start with http:// or https://"
+    if not parts.hostname or host_problem(parts.hostname):
+        return f"{what} has no valid host name"
+    if port == 0:
+        return f"{what} has port 0"
+    return None
+
+
+def _check_cards(root: _Table, ioc: IocConfig, cards: tuple[CardConfig, ...]) -> None:
+    """What no single card can see: names and prefixes shared or overlapping."""
+    names = [c.name for c in cards]
+    dupes = sorted({v for v in names if v and names.count(v) > 1})
+    if dupes:
+        root.error("cards", f"card names must be unique; repeated: {', '.join(dupes)}")
+    # One card's PV names must never be another's: a prefix inside another could collide
+    # (DTACQ:SIM1: serves 1:MODEL, which is DTACQ:SIM1:1:'s MODEL).
+    seen: list[tuple[str, str]] = []
+    for i, card in enumerate(cards):
+        reasons = (_overlap(card.prefix, prefix, owner) for owner, prefix in seen)
+        reason = next((r for r in reasons if r), "")
+        if reason:
+            root.error(f"cards[{i}].prefix", reason)
+        seen.append((f"card {card.name}", card.prefix))
+    # The status group and a card group share suffixes (HEARTBEAT, LAST_ERROR).
+    reasons = (_overlap(ioc.prefix, prefix, owner) for owner, prefix in seen)
+    reason = next((r for r in reasons if r), "")
+    if reason:
+        root.error("ioc.prefix", reason)
+
+
+def _overlap(prefix: str, other: str, owner: str) -> str:
+    if not prefix or not other:
+        return ""  # already reported as missing or malformed
+    if prefix == other:
+        return f"{prefix!r} is also the prefix of {owner}"
+    if prefix.startswith(other) or other.startswith(prefix):
+        return f"{prefix!r} overlaps {owner}'s prefix {other!r}: their PV names could collide"
+    return ""
+
+
+def parse_config(text: str, path: Path, modules: Modules | None = None) -> Config:
+    """Parse TOML text as if read from ``path``; raise ConfigError listing every problem.
+
+    With ``modules`` (name -> facts), module names, gain codes and labels are checked too.
+    """
     file = str(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{file}: <syntax>: {exc}"]) from None
-    errors: list[str] = []
-    root = _Table(errors, file, data, "", path.parent.resolve())
+    ctx = _Context(file, path.parent.resolve(), modules)
+    errors = ctx.errors
+    root = _Table(ctx, data, "")
     ioc = _ioc(root.table("ioc"))
     archive = _archive(root.table("archive"))
     bridge = _bridge(root.table("bridge"))
     cards = tuple(_card(t) for t in root.tables("cards"))
     if not cards:
         root.error("cards", "at least one [[cards]] entry is needed")
-    for attr in ("name", "prefix"):
-        values = [getattr(c, attr) for c in cards]
-        dupes = sorted({v for v in values if v and values.count(v) > 1})
-        if dupes:
-            root.error("cards", f"card {attr}s must be unique; repeated: {', '.join(dupes)}")
-    # The status group and a card group share suffixes (HEARTBEAT, LAST_ERROR).
-    clash = [c.name for c in cards if c.prefix == ioc.prefix]
-    if clash:
-        root.error("ioc.prefix", f"{ioc.prefix!r} is also the prefix of card {clash[0]}")
+    _check_cards(root, ioc, cards)
     root.finish()
     if errors:
         raise ConfigError(errors)
     return Config(path=path.resolve(), ioc=ioc, archive=archive, bridge=bridge, cards=cards)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], modules: Modules | None = None) -> Config:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{p}: <file>: {exc.strerror or exc}"]) from None
-    return parse_config(text, p)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        reason = f"not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line}"
+        raise ConfigError([f"{p}: <encoding>: {reason}"]) from None
+    return parse_config(text, p, modules)
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "ioc_configs" / "sim.toml"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import subprocess
 import sys
@@ -9,11 +10,14 @@ import textwrap
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+from test_faults import small_disk
 
 from dtacq_ioc.archive.catalog import Catalog, CouchCatalog, open_catalog
+from dtacq_ioc.archive.dig import DigWriter, dig_name, read_run
 from dtacq_ioc.archive.records import RunFile, RunRecord, sha256_of
-from dtacq_ioc.archive.sqlite import CATALOG_FILE, SqliteCatalog
+from dtacq_ioc.archive.sqlite import CATALOG_FILE, RESERVE_BYTES, SqliteCatalog
 from dtacq_ioc.config import ArchiveConfig
 
 HEADER = {
@@ -186,4 +190,64 @@ def test_recover_interrupted_after_kill(tmp_path):
     assert gone.state == "interrupted" and gone.files == []
     assert "missing files: g-0.dig" in gone.fault
     assert catalog.recover_interrupted() == []  # nothing left running
+    catalog.close()
+
+
+def test_a_recovered_run_counts_its_samples_from_its_files(tmp_path):
+    """Killed mid-run: samples from the files as reading them gives; empty files go."""
+    catalog = SqliteCatalog(tmp_path / CATALOG_FILE)
+    directory = tmp_path / "DIG1" / "r"
+    directory.mkdir(parents=True)
+    rows = np.arange(123 * 4, dtype="<i4").reshape(123, 4)
+    with DigWriter(directory / dig_name("d", 0), HEADER) as dig:
+        dig.write(rows)
+    with open(directory / dig_name("d", 0), "ab") as f:
+        f.write(b"\0" * 7)  # a sample cut short by the kill
+    with DigWriter(directory / dig_name("d", 1), {**HEADER, "file_index": 1}) as dig:
+        dig.write(rows[:20])
+    (directory / dig_name("d", 2)).touch()  # opened, killed before its header
+    catalog.run_started(RunRecord(run_id="r", card="DIG1", started=5.0, header=HEADER))
+    (recovered,) = catalog.recover_interrupted()
+    _, chans = read_run(directory)
+    assert recovered.samples == catalog.get_run("r").samples == len(chans[0]) == 143
+    assert [f.name for f in recovered.files] == [dig_name("d", 0), dig_name("d", 1)]
+    assert not (directory / dig_name("d", 2)).exists()
+    catalog.close()
+
+
+def test_the_catalog_keeps_room_beside_it(tmp_path):
+    catalog = SqliteCatalog(tmp_path / CATALOG_FILE)
+    assert catalog.reserve.stat().st_size == RESERVE_BYTES
+    catalog.reserve.unlink()  # given up for a full disk: made again once there is room
+    catalog.run_started(RunRecord(run_id="r", card="DIG1", started=5.0))
+    assert catalog.reserve.stat().st_blocks * 512 >= RESERVE_BYTES  # allocated, not sparse
+    catalog.close()
+
+
+def test_on_a_full_disk_the_reserve_still_closes_the_row(tmp_path):
+    with small_disk(tmp_path / "disk", 4) as disk:
+        catalog = SqliteCatalog(disk / CATALOG_FILE)
+        record = RunRecord(run_id="r", card="DIG1", started=5.0, header=HEADER)
+        catalog.run_started(record)
+        # The run that fills the disk.
+        with open(disk / "run.dig", "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+        record.state, record.fault = "fault", "writing run.dig: No space left on device"
+        record.log = "x" * 200_000  # a row of many pages: it cannot fit in what is left
+        catalog.run_finished(record)
+        assert catalog.get_run("r").fault == record.fault and not catalog.reserve.exists()
+        catalog.close()
+
+
+def test_a_recovered_downsampled_run_counts_the_samples_its_means_stand_for(tmp_path):
+    catalog = SqliteCatalog(tmp_path / CATALOG_FILE)
+    directory = tmp_path / "DIG1" / "ds"
+    directory.mkdir(parents=True)
+    header = {**HEADER, "is_float": True, "byte_depth": 8, "bit_shift": 0, "downsample": 4}
+    with DigWriter(directory / dig_name("d", 0), header) as dig:
+        dig.write(np.zeros((10, 4), dtype="<f8"))
+    catalog.run_started(RunRecord(run_id="ds", card="DIG1", started=5.0, header=header))
+    (recovered,) = catalog.recover_interrupted()
+    assert recovered.samples == 40  # 10 means of 4, as a run that ended well records them
     catalog.close()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dtacq_ioc.archive.catalog import open_catalog
-from dtacq_ioc.archive.dig import read_dig, read_run
+from dtacq_ioc.archive.dig import encode_header, read_dig, read_run
 from dtacq_ioc.archive.records import sha256_of
 from dtacq_ioc.card.models import MODULES
 from dtacq_ioc.config import ArchiveConfig
@@ -132,7 +132,7 @@ def test_downsampled_run_stores_float64_means_of_codes(tmp_path, catalog):
     codes = np.concatenate([b["ai"] for b in sent]) >> 8
     means = codes[: 205 // 8 * 8].reshape(-1, 8, NCHAN).mean(axis=1)
     np.testing.assert_allclose(chans[0], means[:, 0])
-    assert run.record.samples == 205  # raw samples given to the files
+    assert run.record.samples == 200  # 25 means of 8 in the files; 5 samples wait for a block
 
 
 @pytest.mark.parametrize("policy", ["stop", "continue"])
@@ -154,6 +154,8 @@ def test_counter_jump_policy(tmp_path, catalog, policy):
     assert rec.counter_errors == 1 and "counter jump at sample 260" in alarms[0]
     _, chans = read_run(run.directory)
     np.testing.assert_array_equal(chans[0][:BUF], first["ai"][:, 0])
+    # Readbacks, record and files agree: the samples after a jump are never counted.
+    assert run.status()["samples"] == rec.samples == len(chans[0])
     if policy == "stop":
         assert run.state is RunState.FAULT and rec.state == "fault"
         assert "expected 261, got 266" in rec.fault
@@ -220,6 +222,71 @@ def test_a_disk_error_ends_the_run_in_fault(tmp_path, catalog):
     assert catalog.get_run(run.run_id).state == "fault"
 
 
+class Disk:
+    """Room left on a disk shared by a run's files: past it a write is cut short, then fails."""
+
+    def __init__(self, room: int):
+        self.room = room
+
+    def open(self, path: Path) -> FullFile:
+        return FullFile(path, self)
+
+
+class FullFile:
+    def __init__(self, path: Path, disk: Disk):
+        self.f = open(path, "xb", buffering=0)  # noqa: SIM115
+        self.disk = disk
+
+    def write(self, data) -> int:
+        if self.disk.room <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = self.f.write(memoryview(data)[: self.disk.room])
+        self.disk.room -= n
+        return n
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def test_a_disk_that_fills_mid_run_leaves_files_that_match_the_record(tmp_path, catalog):
+    probe = make_run(tmp_path, catalog)
+    header = len(encode_header(probe._file_header(0, 1)))  # the same length for every run
+    finish(probe)
+    disk = Disk(header + 250 * 8 + 3)  # the third buffer's write is cut short
+    run = make_run(tmp_path, catalog, opener=disk.open)
+    f = Feeder()
+    for _ in range(3):
+        f.feed(run)
+    assert run.wait(30) and run.state is RunState.FAULT
+    rec = catalog.get_run(run.run_id)
+    assert rec.state == "fault" and "No space left on device" in rec.fault
+    _, chans = read_run(run.directory)
+    assert rec.samples == run.status()["samples"] == len(chans[0]) == 200
+    (file,) = rec.files
+    assert file.size == Path(file.path).stat().st_size == header + 200 * 8  # cut back
+    assert file.sha256 == sha256_of(file.path)
+
+
+def test_a_disk_full_from_the_start_leaves_no_file_and_no_directory(tmp_path, catalog):
+    run = make_run(tmp_path, catalog, opener=Disk(10).open)  # not even the header fits
+    Feeder().feed(run)
+    assert run.wait(30) and run.state is RunState.FAULT
+    rec = catalog.get_run(run.run_id)
+    assert rec.state == "fault" and "No space left on device" in rec.fault
+    assert (rec.samples, rec.files) == (0, [])
+    assert not run.directory.exists()
+
+
+def test_a_run_the_catalog_cannot_record_is_not_started_and_leaves_nothing(tmp_path, catalog):
+    catalog.close()  # as good as a catalog on a full disk: it cannot take the row
+    with pytest.raises(OSError, match="the catalog cannot record a run"):
+        make_run(tmp_path, catalog)
+    assert list((tmp_path / "data").glob("CARD/*")) == []
+
+
 def test_trigger_ranges_rotation_and_end(tmp_path, catalog):
     run = make_run(tmp_path, catalog, RunSettings(trigger="rotate", trigger_args={"bytes": 800}))
     f = Feeder()
@@ -236,7 +303,7 @@ def test_trigger_ranges_rotation_and_end(tmp_path, catalog):
     _, chans = read_run(run.directory)
     np.testing.assert_array_equal(chans[0], np.concatenate([b["ai"][:, 0] for b in sent])[:130])
     f.feed(run)  # an ended run ignores buffers
-    assert run.samples == 200
+    assert run.samples_received == 200 and run.samples == 130
 
 
 def test_a_failing_trigger_faults_the_run(tmp_path, catalog):

@@ -131,6 +131,7 @@ def sim_copy(tmp_path: Path) -> Path:
         text = text.replace(old, new)
     directory = tmp_path / "configs"
     directory.mkdir()
+    (tmp_path / "triggers").mkdir()  # its trigger_dir, "../triggers", must exist
     path = directory / "sim.toml"
     path.write_text(text)
     return path

@@ -137,7 +137,7 @@ def test_sim_process_errors_are_one_clear_line(tmp_path, loopback):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "no simulated card named NOPE" in proc.stderr and "(simulated cards: P)" in proc.stderr
-    # A port already taken: the simulator names the address and exits.
+    # A port already taken: refused before anything starts, naming the key and the address.
     with socket.socket() as blocker:
         blocker.bind((loopback, 4210))
         blocker.listen()
@@ -145,8 +145,8 @@ def test_sim_process_errors_are_one_clear_line(tmp_path, loopback):
             [sys.executable, "-m", "dtacq_ioc", "sim", str(config)],
             cwd=ROOT, env=child_env(), capture_output=True, timeout=60, text=True,
         )  # fmt: skip
-    assert proc.returncode == 1
-    assert f"cannot listen on {loopback}:4210" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr == f"{config}: cards[0].stream_port: port 4210 on {loopback} is in use\n"
 
 
 def test_unthrottled_flag_reaches_the_cards(tmp_path, loopback):

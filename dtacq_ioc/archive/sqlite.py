@@ -7,8 +7,10 @@ writes. Every method may be called from any thread: one connection, one lock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -16,12 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dtacq_ioc.archive.dig import file_index, run_files
+from dtacq_ioc.archive.dig import file_index, read_dig, run_files
 from dtacq_ioc.archive.records import RunFile, RunRecord, sha256_of
 
 log = logging.getLogger(__name__)
 
 CATALOG_FILE = "runs.sqlite"
+# Room kept beside the catalog, given up when the disk is full so that the run which
+# filled it is still closed with its reason (a row and its files take a few pages).
+RESERVE_SUFFIX = ".reserve"
+RESERVE_BYTES = 2 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -99,6 +105,7 @@ class SqliteCatalog:
     def __init__(self, path: Path, readonly: bool = False):
         """`readonly` opens an existing catalog for reading only (the bridge's runs view)."""
         self.path = Path(path)
+        self.reserve = self.path.with_name(self.path.name + RESERVE_SUFFIX)
         self._lock = threading.Lock()
         if readonly:
             uri = f"{self.path.resolve().as_uri()}?mode=ro"
@@ -112,6 +119,7 @@ class SqliteCatalog:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.executescript(_SCHEMA)
+            self._keep_room()
 
     # -- the Catalog protocol --------------------------------------------------------
 
@@ -184,6 +192,12 @@ class SqliteCatalog:
             if directory.is_dir():
                 extra = [RunFile.from_path(p) for p in run_files(directory) if p.name not in known]
                 record.files = sorted([*record.files, *extra], key=lambda f: file_index(f.name))
+            # A file killed before its header was out holds nothing: it goes.
+            for f in record.files:
+                if f.size == 0:
+                    Path(f.path).unlink(missing_ok=True)
+            record.files = [f for f in record.files if f.size]
+            record.samples = sum(_samples_in(Path(f.path)) for f in record.files)
             record.bytes_written = sum(f.size for f in record.files)
             record.state = "interrupted"
             record.stopped = record.stopped or _last_change(record)
@@ -227,8 +241,21 @@ class SqliteCatalog:
         nchannels = len(channel_list) if isinstance(channel_list, list) else None
         columns = (*_RECORD_COLUMNS, *_HEADER_COLUMNS, "nchannels", "header_json")
         row = (*values, *extra, nchannels, json.dumps(header, sort_keys=True, default=str))
+        with self._lock:
+            try:
+                self._write_row(record, columns, row)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_FULL or not self.reserve.exists():
+                    raise
+                # The disk is full (most likely the run being recorded filled it).
+                log.warning("disk full: the catalog's reserve goes to record %s", record.run_id)
+                self.reserve.unlink()
+                self._write_row(record, columns, row)
+            self._keep_room()
+
+    def _write_row(self, record: RunRecord, columns: tuple[str, ...], row: tuple[Any, ...]) -> None:
         updates = ", ".join(f"{c} = excluded.{c}" for c in columns[1:])
-        with self._lock, self._conn:
+        with self._conn:
             self._conn.execute(
                 f"INSERT INTO runs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
                 f" ON CONFLICT (run_id) DO UPDATE SET {updates}",
@@ -243,6 +270,22 @@ class SqliteCatalog:
                     for i, f in enumerate(record.files)
                 ],
             )
+
+    def _keep_room(self) -> None:
+        """Make the reserve when it is missing and the disk has room for it again."""
+        if self.reserve.exists():
+            return
+        try:
+            fd = os.open(self.reserve, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)  # real blocks: a sparse file frees none
+        except OSError:
+            with contextlib.suppress(OSError):
+                self.reserve.unlink()  # no room yet: try again at the next write
+        finally:
+            os.close(fd)
 
     def _record(self, row: sqlite3.Row) -> RunRecord:
         files = self._conn.execute(
@@ -263,6 +306,18 @@ def _scalar(value: Any) -> Any:
     if isinstance(value, bool):
         return int(value)
     return value if isinstance(value, int | float | str) else None
+
+
+def _samples_in(path: Path) -> int:
+    """Whole samples in a .dig file, as reading it gives them (raw samples, so times
+    the downsampling of a float file); 0 for a file that is not readable as one."""
+    try:
+        header, channels = read_dig(path)  # memory-mapped: nothing is read but the header
+    except (OSError, ValueError, TypeError) as exc:  # DigError is a ValueError
+        log.warning("%s: no samples counted: %s", path, exc)
+        return 0
+    rows = len(next(iter(channels.values()))) if channels else 0
+    return rows * (int(header.get("downsample") or 1) if header.get("is_float") else 1)
 
 
 def _rescan(f: RunFile) -> RunFile:

@@ -7,9 +7,11 @@ and delivers the RunRecord to the catalog at the end.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -57,6 +59,8 @@ HEADER_KEYS = frozenset(LEGACY_FIELDS) | {
     "trigger_index",
 }
 MAX_LOGITEMS = 64
+# Room a run needs beyond one writer buffer to start: its file header and catalog rows.
+MIN_FREE_BYTES = 1 << 20
 
 
 class SettingsError(ValueError):
@@ -261,6 +265,16 @@ def run_header(
 OnRunState = Callable[["Run"], None]
 
 
+def _check_room(data_dir: Path, needed: int) -> None:
+    """OSError, in words, when the disk under data_dir cannot take the start of a run."""
+    existing = Path(data_dir)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise OSError(f"no room for a run in {data_dir}: {free} bytes free, {needed} needed")
+
+
 class Run:
     """One run, from STARTING to IDLE (done) or FAULT (done, with `fault`)."""
 
@@ -313,8 +327,8 @@ class Run:
         self.state = RunState.STARTING
         self.fault = ""
         self.record_state = "complete"
-        self.samples = 0  # samples received while running
-        self.samples_written = 0  # raw samples selected for the files
+        self.samples_received = 0  # samples the stream brought while running
+        self.samples_written = 0  # raw samples selected for the files (some may be lost)
         self.counter_errors = 0
         self.overruns = 0
         self.files: list[RunFile] = []
@@ -327,14 +341,24 @@ class Run:
             Downsampler(self.downsample, len(self.channels)) if self.is_float else None
         )
         self._writer: RunWriter | None = None
+        pool_bytes = max(1, (stream.buffer_samples // self.downsample + 1) * self.row_bytes)
         if settings.save_files:
+            _check_room(data_dir, pool_bytes + MIN_FREE_BYTES)
             self.directory.mkdir(parents=True, exist_ok=False)
-            pool_rows = stream.buffer_samples // self.downsample + 1
-            pool = BufferPool(queue_buffers, max(1, pool_rows * self.row_bytes))
+        try:
+            self.catalog.run_started(self._record("running"))
+        except Exception as exc:
+            # A run the catalog cannot record is not started: nothing of it is left behind.
+            if settings.save_files:
+                with contextlib.suppress(OSError):
+                    self.directory.rmdir()
+            log.warning("run %s not started: the catalog failed: %s", self.run_id, exc)
+            raise OSError(f"the catalog cannot record a run: {exc}") from None
+        if settings.save_files:
+            pool = BufferPool(queue_buffers, pool_bytes)
             self._writer = RunWriter(
                 self.directory, self.date, self._file_header, pool, opener, self._writer_failed
             )
-        self._catalog_call("run_started", self._record("running"))
 
     # -- header and record --------------------------------------------------------------
 
@@ -360,7 +384,7 @@ class Run:
             files=list(self.files),
             started=self.started,
             stopped=self.stopped,
-            samples=self.samples_written,
+            samples=self.samples,
             bytes_written=writer.bytes_written if writer else 0,
             state=state,
             counter_errors=self.counter_errors,
@@ -378,6 +402,14 @@ class Run:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    @property
+    def samples(self) -> int:
+        """Samples in the run's files: what reading them gives (times `downsample`, as each
+        downsampled row stands for that many). A run without files counts those selected."""
+        if self._writer is None:
+            return self.samples_written
+        return self._writer.rows_written * self.downsample
 
     @property
     def bytes_written(self) -> int:
@@ -418,15 +450,16 @@ class Run:
                 if not self.active:  # the callback stopped the run
                     return
             n = len(samples)
-            self.samples += n
+            self.samples_received += n
             ai = samples["ai"]
             counter = samples["spad"][:, 0]
             end_reason = ""
             if gaps:
                 self.counter_errors += len(gaps)
                 first = gaps[0]
+                at = self.samples_received - n + first.position
                 message = (
-                    f"counter jump at sample {self.samples - n + first.position} of the run: "
+                    f"counter jump at sample {at} of the run: "
                     f"expected {first.expected}, got {first.got}"
                 )
                 self._alarm(f"run {self.run_id}: {message}")
@@ -560,6 +593,10 @@ class Run:
 
     def _finished(self, files: list[RunFile], error: str) -> None:
         self.files = files
+        if not files and self._writer is not None:
+            # Nothing was written (stopped at once, or the disk was full): no empty directory.
+            with contextlib.suppress(OSError):
+                self.directory.rmdir()
         if error and not self.fault:
             self.fault, self.record_state = error, "fault"
         self.record = self._record(self.record_state)
@@ -568,7 +605,7 @@ class Run:
             "run %s %s: %d samples, %d bytes in %d files%s",
             self.run_id,
             self.record_state,
-            self.samples_written,
+            self.record.samples,
             self.record.bytes_written,
             len(files),
             f" ({self.fault})" if self.fault else "",
@@ -582,7 +619,8 @@ class Run:
             "run_id": self.run_id,
             "state": self.state.value,
             "fault": self.fault,
-            "samples": self.samples,
+            "samples": self.samples,  # in the files, so readbacks agree with them and the catalog
+            "samples_received": self.samples_received,
             "samples_written": self.samples_written,
             "bytes_written": self.bytes_written,
             "current_file": self.current_file,

@@ -337,16 +337,19 @@ class TriggerRegistry:
         self._loaded: tuple[tuple[tuple[str, int, int], ...], dict[str, type[Trigger]], list[str]]
         self._loaded = ((), {}, [])
 
-    def _load_files(self) -> tuple[dict[str, type[Trigger]], list[str]]:
+    def _load_files(self, quiet: bool = False) -> tuple[dict[str, type[Trigger]], list[str]]:
+        """`quiet`: a file that fails to import is not logged (`dtacq-ioc check` says it)."""
         if self.trigger_dir is None or not self.trigger_dir.is_dir():
             return {}, []
         paths = sorted(self.trigger_dir.glob("*.py"))
         stamp = tuple((p.name, *_file_stamp(p)) for p in paths)
         if stamp != self._loaded[0]:
-            self._loaded = (stamp, *self._import_all(paths))
+            self._loaded = (stamp, *self._import_all(paths, quiet))
         return dict(self._loaded[1]), list(self._loaded[2])
 
-    def _import_all(self, paths: list[Path]) -> tuple[dict[str, type[Trigger]], list[str]]:
+    def _import_all(
+        self, paths: list[Path], quiet: bool
+    ) -> tuple[dict[str, type[Trigger]], list[str]]:
         found: dict[str, type[Trigger]] = {}
         broken: list[str] = []
         for path in paths:
@@ -354,7 +357,8 @@ class TriggerRegistry:
                 module = _import_file(path)
             except Exception as exc:
                 line = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                log.error("trigger file %s failed to import: %s", path, line, exc_info=True)
+                if not quiet:
+                    log.error("trigger file %s failed to import: %s", path, line, exc_info=True)
                 broken.append(f"{path.name} ({line})")
                 continue
             for cls in vars(module).values():
@@ -369,6 +373,10 @@ class TriggerRegistry:
                         continue
                     found[name] = cls
         return found, broken
+
+    def import_errors(self) -> list[str]:
+        """'file.py (reason)' for each trigger file that does not import; nothing logged."""
+        return self._load_files(quiet=True)[1]
 
     def names(self) -> list[str]:
         files, _ = self._load_files()

@@ -9,8 +9,10 @@ by the pool, and a slow disk costs data that is counted, never the stream.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -143,6 +145,7 @@ class RunWriter:
         self.on_error = on_error
         self.files: list[RunFile] = []
         self.bytes_written = 0  # data bytes, headers excluded
+        self.rows_written = 0  # whole rows in the files: what reading them gives
         self.current_file = ""
         self.error = ""
         # Chunks never outnumber pool buffers; the extra slot is the finish marker.
@@ -208,11 +211,20 @@ class RunWriter:
             index = len(self.files) + len(self._closing)
             path = self.directory / dig_name(self.date, index)
             header = self.header_for(index, chunk.first_counter)
-            self._dig = DigWriter(path, header, self.opener, self._hasher.digest())
+            try:
+                self._dig = DigWriter(path, header, self.opener, self._hasher.digest())
+            except FileExistsError:
+                raise  # not ours to remove
+            except BaseException:
+                # Its header never got out (a full disk): a file without samples, never left.
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                raise
             self.current_file = path.name
             log.debug("writing %s", path)
-        self._dig.write(memoryview(chunk.buf)[: chunk.nbytes])
+        rows = self._dig.write(memoryview(chunk.buf)[: chunk.nbytes]) // self._dig.sample_bytes
         self.bytes_written += chunk.nbytes
+        self.rows_written += rows
 
     def _close(self) -> None:
         dig, self._dig = self._dig, None
@@ -244,7 +256,26 @@ class RunWriter:
                 log.exception("closing a file of %s after a write error", self.directory)
         dig, self._dig = self._dig, None
         if dig is not None:
-            try:
-                self.files.append(dig.close())
-            except OSError:
-                log.exception("closing %s after a write error", dig.path)
+            self._close_failed(dig)
+
+    def _close_failed(self, dig: DigWriter) -> None:
+        """Close the file a write failed in, so that it holds exactly what was counted.
+
+        A write cut short by a full disk may leave part of a chunk: the file is cut back
+        to the bytes its size, digest and row count include. A file left without a
+        sample is removed, as if never opened.
+        """
+        try:
+            os.truncate(dig.path, dig.size)
+        except OSError as exc:
+            log.warning("cutting %s back to %d bytes: %s", dig.path, dig.size, exc.strerror)
+        try:
+            closed = dig.close()
+        except OSError as exc:
+            log.warning("closing %s after a write error: %s", dig.path, exc.strerror or exc)
+            closed = RunFile(dig.path.name, str(dig.path), dig.size, dig.sha256)
+        if dig.samples:
+            self.files.append(closed)
+            return
+        with contextlib.suppress(OSError):
+            dig.path.unlink()
