@@ -350,7 +350,7 @@ class ShotControl:
                     "MODE:TRANS_ACT:STATE": ShotState(status.state).name,
                     "MODE:TRANS_ACT:PRE": status.pre,
                     "MODE:TRANS_ACT:POST": status.post,
-                    "MODE:TRANS_ACT:TOTSAM": status.elapsed,  # samples taken so far, as the card says
+                    "MODE:TRANS_ACT:TOTSAM": status.elapsed,  # samples taken so far
                 }
             )
         )
