@@ -8,6 +8,7 @@ a config means the same thing whatever directory the service starts in.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable
@@ -192,6 +193,9 @@ class BridgeConfig:
     tokens: tuple[Secret, ...] = ()
     slow_client_timeout_s: float = 30.0
     max_message_bytes: int = 65536
+    # Client addresses or networks allowed to write on the legacy endpoint without a token
+    # (the old page cannot send one); empty = none.
+    legacy_write_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -585,7 +589,15 @@ def _bridge(t: _Table) -> BridgeConfig:
         tokens=t.secrets("tokens"),
         slow_client_timeout_s=t.positive("slow_client_timeout_s", float, d.slow_client_timeout_s),
         max_message_bytes=t.positive("max_message_bytes", int, d.max_message_bytes),
+        legacy_write_hosts=t.strings("legacy_write_hosts"),
     )
+    for i, value in enumerate(b.legacy_write_hosts):
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            t.error(
+                f"{t.path('legacy_write_hosts')}[{i}]", f"{value!r} is not an IP address or network"
+            )
     t.finish()
     return b
 

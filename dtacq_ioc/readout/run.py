@@ -21,7 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from dtacq_ioc.archive.dig import LEGACY_FIELDS, Opener, file_date, safe_path
+from dtacq_ioc.archive.dig import (
+    LEGACY_FIELDS,
+    Opener,
+    dig_name,
+    file_date,
+    header_date,
+    safe_path,
+)
 from dtacq_ioc.archive.records import RunFile, RunRecord
 from dtacq_ioc.readout.integrity import COUNTER_MODULUS, Gap
 from dtacq_ioc.readout.transform import ChannelMap, Downsampler
@@ -173,6 +180,7 @@ class StreamInfo:
     gains: Mapping[int, list[int]]  # site -> code per channel
     gain_labels: Mapping[int, tuple[str, ...]]  # site -> label per code
     buffer_samples: int
+    card_nchan: int = 0  # the card's NCHAN in words, spad included (0: AI channels only)
 
 
 class ChannelView(Mapping[int, np.ndarray]):
@@ -260,6 +268,7 @@ class Run:
         self.counter_errors = 0
         self.overruns = 0
         self.files: list[RunFile] = []
+        self._closed_files: list[RunFile] = []
         self.record: RunRecord | None = None
         self._new_file = False
         # Re-entrant: a state callback on the socket thread may stop the run.
@@ -274,7 +283,13 @@ class Run:
             pool_rows = stream.buffer_samples // self.downsample + 1
             pool = BufferPool(queue_buffers, max(1, pool_rows * self.row_bytes))
             self._writer = RunWriter(
-                self.directory, self.date, self._file_header, pool, opener, self._writer_failed
+                self.directory,
+                self.date,
+                self._file_header,
+                pool,
+                opener,
+                self._writer_failed,
+                self._file_closed,
             )
         self._catalog_call("run_started", self._record("running"))
 
@@ -287,20 +302,22 @@ class Run:
         shift = 0 if self.is_float else cmap.channel_shift(self.channels[0])
         labels = st.gain_labels.get(first_site.site, first_site.spec.gain_labels)
         header: dict[str, Any] = dict(s.logitems)
+        # The old server's fields as it wrote them (the measurement document is this header).
         header.update(
-            channels=cmap.nchan,
+            type="measurement",
+            channels=st.card_nchan or cmap.nchan,
             channel_list=list(self.channels),
             byte_depth=self.byte_depth,
             bit_shift=shift,
             is_float=self.is_float,
             ip=st.host,
             downsample=self.downsample,
-            freq_hz=st.sample_rate_hz,
-            date=self.date,  # as in the file names, UTC "YYYY-MM-DD HH-MM-SS.ffffff"
+            freq_hz=float(st.sample_rate_hz),
+            date=header_date(self.started),
             measurement_name=s.measurement_name or f"Digitizer {st.host}",
             log=s.log,
             current_gains={
-                str(site): {str(i + 1): code for i, code in enumerate(codes)}
+                str(site): {str(i): code for i, code in enumerate(codes)}
                 for site, codes in st.gains.items()
             },
             gain_conversion={str(i): label for i, label in enumerate(labels)},
@@ -310,7 +327,22 @@ class Run:
         return header
 
     def _file_header(self, index: int, first_counter: int) -> dict[str, Any]:
-        return {**self.header, "file_index": index, "first_counter": first_counter}
+        name = dig_name(self.date, index)
+        return {
+            **self.header,
+            "filename": name,
+            "file_index": index,
+            "first_counter": first_counter,
+        }
+
+    def _file_closed(self, f: RunFile) -> None:
+        """Tell the catalog of each file as it closes (it may deliver it at once)."""
+        if not hasattr(self.catalog, "run_updated"):
+            return
+        self._closed_files.append(f)  # one closing thread: in order
+        record = self._record("running")
+        record.files = list(self._closed_files)
+        self._catalog_call("run_updated", record)
 
     def _record(self, state: str) -> RunRecord:
         writer = self._writer
