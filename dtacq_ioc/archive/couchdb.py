@@ -191,7 +191,8 @@ class CouchClient:
             if quote(f.name, safe="") != f.name or ":" in f.name:
                 # The file server stores the raw path segment: it would record another name.
                 raise CouchError(f"{f.name}: a file-server name must need no URL encoding")
-            return self._put_file("PUT", self.attachment_link(doc_id, f.name), f, progress)
+            url = self.settings.file_server.rstrip("/") + self.attachment_link(doc_id, f.name)
+            return self._put_file("PUT", url, f, progress)
         doc = self.get_document(doc_id)
         if doc is None:
             raise CouchError(f"document {doc_id} vanished before its file {f.name} was sent")
@@ -305,9 +306,9 @@ class CouchClient:
             raise CouchUnreachable(f"{where}: {type(exc).__name__}: {exc}") from None
 
 
-def _origin(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    return parts.scheme, parts.netloc.rsplit("@", 1)[-1]
+def _origin(url: str) -> str:
+    """The host a cookie belongs to (cookies ignore the port)."""
+    return (urlsplit(url).hostname or "").lower()
 
 
 def _view_param(key: str, value: Any) -> str:
