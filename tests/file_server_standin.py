@@ -30,6 +30,7 @@ class FileServerStandIn:
         self.admin = admin
         self.root = root
         self.puts: list[str] = []  # raw paths of every PUT, to count uploads
+        self.refuse: dict[str, int] = {}  # file name -> status to answer its PUTs with
         self.httpd = ThreadingHTTPServer((host, 0), self._handler())
         self.url = f"http://{host}:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -121,6 +122,11 @@ class FileServerStandIn:
                     self._answer(403, {"error": True, "reason": "forbidden"})
                     return
                 server.puts.append(self.path)
+                if name in server.refuse:
+                    self.rfile.read(int(self.headers["Content-Length"]))
+                    reason = "attachment too large for the disk"
+                    self._answer(server.refuse[name], {"error": "internal", "reason": reason})
+                    return
                 path.parent.mkdir(parents=True, exist_ok=True)
                 remaining = int(self.headers["Content-Length"])
                 with open(path, "wb") as f:
