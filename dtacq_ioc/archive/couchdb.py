@@ -185,6 +185,12 @@ class CouchClient:
         """The file server's path of a file, as the experiment's page links it."""
         return f"/_attachments/{quote(self.db, safe='')}/{quote(doc_id, safe='')}/{name}"
 
+    def file_link(self, doc_id: str, name: str) -> str:
+        """Where a delivered file is read: the file server's link, else the attachment."""
+        if self.settings.file_server:
+            return self.attachment_link(doc_id, name)
+        return self.db_path(doc_id, name)
+
     def upload_file(self, doc_id: str, f: RunFile, progress: Progress | None = None) -> str:
         """Stream one file to the document; return its md5 (base64), as CouchDB digests."""
         if self.settings.file_server:
