@@ -169,6 +169,10 @@ class Spool:
         record.files = files
         with self._entries_lock:
             existing = self.get(record.run_id)
+            if existing is not None and existing.final and not final:
+                # A file-closed report that lost the race with the run's end: its files
+                # are in the final entry already, its "running" document is out of date.
+                return existing
             # Re-spooling a run keeps its document id: the server may already hold part of it.
             doc_id = existing.doc_id if existing else record.doc_id or run_doc_id(record.run_id)
             record.doc_id = doc_id

@@ -522,6 +522,8 @@ async def start_readout(s: LegacySession, args: dict[str, Any]) -> Any:
     numbers = [x.site for x in sites]
     mod_list = _arg(args, "mod_list", list, numbers, "a list of sites")
     mod_list = [int(m) if isinstance(m, str) and m.isdigit() else m for m in mod_list]
+    if not all(isinstance(m, int) and not isinstance(m, bool) for m in mod_list):
+        raise BadRequest(f"startReadout: mod_list must hold site numbers among {numbers}")
     if not mod_list or not set(mod_list) <= set(numbers):
         raise BadRequest(f"startReadout: mod_list {mod_list} must name sites among {numbers}")
     channels = _arg(args, "channel_list", list, [], "a list of channel indices")
@@ -546,10 +548,12 @@ async def start_readout(s: LegacySession, args: dict[str, Any]) -> Any:
         ("RUN:CHANNELS", ",".join(str(c) for c in channels)),
         ("RUN:LOGITEMS", json.dumps(logitems)),
     ]
-    words = _arg(args, "buffer_size", (int, float), 0, "a number of words")
+    words = _number(args.get("buffer_size") or 0, "startReadout: buffer_size (words)")
+    if words < 0:
+        raise BadRequest("startReadout: buffer_size must be a count of words, not negative")
     run_sites = [x for x in sites if x.site in mod_list]
     if words:
-        writes.insert(0, ("BUFFER_SIZE", buffer_bytes(int(words), run_sites)))
+        writes.insert(0, ("BUFFER_SIZE", buffer_bytes(math.ceil(words), run_sites)))
     for suffix, value in writes:
         # The IOC (caproto) does not answer a put of an empty CHAR array: send one space.
         await s.write(suffix, value if value != "" else " ")
