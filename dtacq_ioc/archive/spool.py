@@ -244,6 +244,7 @@ class Spool:
                 self._deliver(client, current, progress, sending)
             except (CouchError, OSError) as exc:
                 return self._failed(current, str(exc), sending[0] if sending else "", exc)
+            finished = current.final  # this pass made the final update
             with self._entries_lock:
                 current = self.get(entry.run_id) or current
                 current.attempts, current.last_error, current.next_try = 0, "", 0.0
@@ -251,9 +252,9 @@ class Spool:
                 self.last_error = ""
                 if self.alarm.startswith(f"run {entry.run_id}:"):
                     self.alarm = ""
-                if not current.final or not _all_confirmed(current):
-                    # A running run is kept for its next files; files added meanwhile go
-                    # out with the next pass.
+                if not finished or not _all_confirmed(current):
+                    # A running run is kept for its next files; files added meanwhile, or
+                    # the end of the run, go out with the next pass.
                     self._write(current)
                     if current.outstanding:
                         self._wake.set()
