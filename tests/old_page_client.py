@@ -91,6 +91,10 @@ class OldPage:
                 continue
             self._replies.setdefault(str(header.get("cmd")), asyncio.Queue()).put_nowait(reply)
 
+    async def _replies_for(self, cmd: str) -> Reply:
+        """The next reply to `cmd` (for requests sent by hand)."""
+        return await self._replies.setdefault(cmd, asyncio.Queue()).get()
+
     async def _send(self, obj: dict[str, Any], no_digi: bool = False, timeout=60.0) -> Reply:
         if not no_digi:
             obj["ip"] = True  # sendObj's marker of a card command

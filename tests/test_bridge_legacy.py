@@ -13,6 +13,7 @@ import socket
 import struct
 
 import httpx
+import numpy as np
 import pytest
 import websockets
 from conftest import COUCH_ADMIN, COUCH_DB, COUCH_WRITER, PouchServer
@@ -288,3 +289,61 @@ def test_scripts_with_a_token_and_bad_requests(ioc):
             assert length % 4 == 0, "the header is padded to a multiple of 4"
 
     asyncio.run(go())
+
+
+def test_read_buffer_hands_out_each_run_buffer_once(tmp_path):
+    """Against an IOC that publishes RUN:BUFFER (tests/run_buffer_ioc.py): the newest
+    buffer not yet handed to this client, channel-major, shifted; the header alone while
+    none is new; the counter counts buffers (display frames are not buffers)."""
+    import subprocess
+    import sys
+
+    import run_buffer_ioc as rb
+    from bridge_helpers import _wait_ca, bridge_config, bridge_process
+    from support import ROOT, child_env
+
+    ioc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "run_buffer_ioc.py"), "GEN:"],
+        env=child_env(PYTHONPATH=str(ROOT / "tests")),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    port = free_port()
+    try:
+        _wait_ca("GEN:RUN:BUFFER", ioc)
+        with bridge_process(bridge_config(tmp_path, port), port):
+
+            async def go():
+                async with websockets.connect(f"ws://127.0.0.1:{port}/legacy") as ws:
+                    page = OldPage(ws)
+                    await ws.send(json.dumps({"cmd": "requestBufferStream",
+                                              "args": {"ip_addr": "127.0.0.1"}}))  # fmt: skip
+                    page.settings["readout_size"] = 4
+                    seen, empty, counters = [], 0, []
+                    loop = asyncio.get_running_loop()
+                    deadline = loop.time() + 60
+                    while len(seen) < 4 and loop.time() < deadline:
+                        await ws.send(json.dumps({"cmd": "readBuffer", "ip": True, "args": {
+                            "channels": [3, 1], "include_counter": True}}))  # fmt: skip
+                        reply = await asyncio.wait_for(page._replies_for("readBuffer"), 30)
+                        assert not reply.refused, reply.header
+                        head = np.frombuffer(reply.data, "<u4", 4, reply.offset)
+                        assert head[0] == 0xFF02 and list(head[1:3]) == [3, 1]
+                        data = np.frombuffer(reply.data, "<i4", offset=reply.offset + 16)
+                        if data.size == 0:
+                            empty += 1
+                            continue
+                        ch3, ch1 = data.reshape(2, -1)
+                        k = int(ch3[0]) // 10000  # which buffer this is
+                        assert list(ch3) == rb.expected(k, 3) and list(ch1) == rb.expected(k, 1)
+                        seen.append(k)
+                        counters.append(int(head[3]))
+                    assert len(seen) == 4 and empty >= 1, (seen, empty)
+                    assert seen == sorted(set(seen)), "each buffer once, newest first"
+                    assert counters == sorted(set(counters))
+                    await page.close()
+
+            asyncio.run(go())
+    finally:
+        from support import stop_process
+
+        stop_process(ioc)
