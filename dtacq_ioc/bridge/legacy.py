@@ -555,8 +555,7 @@ async def start_readout(s: LegacySession, args: dict[str, Any]) -> Any:
     if words:
         writes.insert(0, ("BUFFER_SIZE", buffer_bytes(math.ceil(words), run_sites)))
     for suffix, value in writes:
-        # The IOC (caproto) does not answer a put of an empty CHAR array: send one space.
-        await s.write(suffix, value if value != "" else " ")
+        await s.write(suffix, value)
     before = text_of(await s.read("RUN:ID_RBV"))
     s.follow_buffers()
     await s.write("RUN:START", 1, confirm=False)
