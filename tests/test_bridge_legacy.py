@@ -360,3 +360,14 @@ def test_read_buffer_hands_out_each_run_buffer_once(tmp_path):
         from support import stop_process
 
         stop_process(ioc)
+
+
+def test_buffer_size_is_words_rounded_up_to_whole_samples():
+    from dtacq_ioc.bridge.legacy import SiteView, buffer_bytes
+
+    acq425 = [SiteView(1, 16, 2)]  # 16 channels and the spad's 4 words: 20 words a sample
+    assert buffer_bytes(48_000, acq425) == 2400 * 40
+    assert buffer_bytes(48_001, acq425) == 2401 * 40
+    assert buffer_bytes(1, acq425) == 40
+    acq437 = [SiteView(1, 8, 4), SiteView(2, 8, 4)]  # 16 + 2 words of 4 bytes
+    assert buffer_bytes(18 * 100, acq437) == 100 * 72
