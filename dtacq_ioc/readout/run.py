@@ -269,6 +269,8 @@ class Run:
         self.overruns = 0
         self.files: list[RunFile] = []
         self._closed_files: list[RunFile] = []
+        # A file-closed report must never follow the final record (it would say "running").
+        self._report_lock = threading.Lock()
         self.record: RunRecord | None = None
         self._new_file = False
         # Re-entrant: a state callback on the socket thread may stop the run.
@@ -339,10 +341,13 @@ class Run:
         """Tell the catalog of each file as it closes (it may deliver it at once)."""
         if not hasattr(self.catalog, "run_updated"):
             return
-        self._closed_files.append(f)  # one closing thread: in order
-        record = self._record("running")
-        record.files = list(self._closed_files)
-        self._catalog_call("run_updated", record)
+        with self._report_lock:
+            if self.record is not None:
+                return  # the final record has all the files
+            self._closed_files.append(f)  # one closing thread: in order
+            record = self._record("running")
+            record.files = list(self._closed_files)
+            self._catalog_call("run_updated", record)
 
     def _record(self, state: str) -> RunRecord:
         writer = self._writer
@@ -572,8 +577,9 @@ class Run:
         self.files = files
         if error and not self.fault:
             self.fault, self.record_state = error, "fault"
-        self.record = self._record(self.record_state)
-        self._catalog_call("run_finished", self.record)
+        with self._report_lock:
+            self.record = self._record(self.record_state)
+            self._catalog_call("run_finished", self.record)
         log.info(
             "run %s %s: %d samples, %d bytes in %d files%s",
             self.run_id,
