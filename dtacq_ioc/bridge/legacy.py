@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import re
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import numpy as np
 from dtacq_ioc.bridge.session import BadRequest, Session
 from dtacq_ioc.bridge.source import Delta, PvEntry, WriteRefused
 from dtacq_ioc.config import CardConfig
-from dtacq_ioc.framing import LENGTH, pack_header, unpack_header
+from dtacq_ioc.framing import pack_header, unpack_header
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class Buffers:
     seen: int = 0  # buffers received since the session subscribed
     handed: int = 0  # the `seen` count of the last one handed out
     latest: np.ndarray | None = None
+    frame_stamp: float = 0.0  # without RUN:BUFFER: the display frame handed out last
     run_id: str = ""  # the run this session saw running (for 0xdeadbeef at its end)
 
 
@@ -127,24 +129,18 @@ class LegacySession(Session):
     def pv_update(self, entry: PvEntry, delta: Delta) -> None:
         if self.card is None or "seconds" not in delta.fields:
             return  # not a new value (metadata, connection state)
-        if entry.name == self.pv(BUFFER_PV):
-            if isinstance(entry.value, np.ndarray) and entry.value.size:  # empty: a new run
-                self.buffers.seen += 1
-                self.buffers.latest = entry.value
-        elif entry.name == self.pv("AI:COUNTER"):
-            # An IOC without RUN:BUFFER: each display frame stands in for a buffer.
-            buffer_entry = self.services.source.entries.get(self.pv(BUFFER_PV))
-            if buffer_entry is not None and buffer_entry.missing:
-                self.buffers.seen += 1
-                self.buffers.latest = None
+        value = entry.value
+        # An empty buffer marks a new run's start: nothing to hand out.
+        if entry.name == self.pv(BUFFER_PV) and isinstance(value, np.ndarray) and value.size:
+            self.buffers.seen += 1
+            self.buffers.latest = value
 
     def follow_buffers(self) -> None:
         """Count the card's run buffers from now on (subscribing does not wait)."""
-        for suffix in (BUFFER_PV, "AI:COUNTER"):
-            name = self.pv(suffix)
-            if name not in self.watched:
-                self.watched.add(name)
-                self.services.source.subscribe(name, self)
+        name = self.pv(BUFFER_PV)
+        if name not in self.watched:
+            self.watched.add(name)
+            self.services.source.subscribe(name, self)
 
     def pv_missing(self, entry: PvEntry) -> None:
         pass
@@ -689,7 +685,7 @@ async def read_buffer(s: LegacySession, args: dict[str, Any]) -> Any:
     )
     if state != RUNNING and not starting:
         if s.buffers.run_id:
-            return LENGTH.pack(NO_RUN)
+            return struct.pack("<I", NO_RUN)
         raise BadRequest("measurement is not running")
     if state == RUNNING and not s.buffers.run_id:
         s.buffers.run_id = text_of(await s.read("RUN:ID_RBV"))
@@ -700,39 +696,60 @@ async def read_buffer(s: LegacySession, args: dict[str, Any]) -> Any:
     total = sum(x.nchan for x in columns)
     if any(c >= total for c in channels):
         raise BadRequest(f"readBuffer: channels must be indices in 0..{total - 1}")
-    b = s.buffers
-    new = state == RUNNING and b.seen > b.handed
-    data = await _buffer(s, b, channels, columns) if new else None
+    if state != RUNNING:
+        data, count = None, s.buffers.seen
+    elif _has_buffer_pv(s):
+        data, count = _new_buffer(s, channels, columns, await _shifts(s, columns))
+    else:
+        data, count = await _new_frame(s, channels, columns)
     n = len(channels) | (COUNTER_FLAG if include_counter else 0)
-    header = [n, *channels] + ([b.seen & 0xFFFFFFFF] if include_counter else [])
+    header = [n, *channels] + ([count & 0xFFFFFFFF] if include_counter else [])
     head = np.asarray(header, dtype="<u4").tobytes()
-    if data is None:
-        return head
-    b.handed = b.seen
-    return head + data
+    return head if data is None else head + data
 
 
-async def _buffer(
-    s: LegacySession, b: Buffers, channels: list[int], columns: list[SiteView]
-) -> bytes | None:
-    """The channels of the latest buffer, channel-major, shifted to ADC codes."""
-    word = columns[0].word_size
-    dtype = np.dtype("<i2" if word == 2 else "<i4")
+def _has_buffer_pv(s: LegacySession) -> bool:
+    """Whether the IOC serves RUN:BUFFER (until its search has failed, assume it does)."""
+    entry = s.services.source.entries.get(s.pv(BUFFER_PV))
+    return entry is None or not entry.missing
+
+
+def _dtype(columns: list[SiteView]) -> np.dtype:
+    return np.dtype("<i2" if columns[0].word_size == 2 else "<i4")
+
+
+async def _shifts(s: LegacySession, columns: list[SiteView]) -> np.ndarray:
     shifts = await asyncio.gather(*(s.read(f"{x.site}:BIT_SHIFT") for x in columns))
-    shift_of = np.repeat(np.asarray(shifts, dtype=np.int64), [x.nchan for x in columns])
-    buffer_entry = s.services.source.entries.get(s.pv(BUFFER_PV))
-    if buffer_entry is not None and buffer_entry.connected and b.latest is not None:
-        words = np.asarray(b.latest)
-        total = len(shift_of)
-        if words.size % total:
-            raise BadRequest(
-                f"readBuffer: {BUFFER_PV} holds {words.size} words, not whole samples of "
-                f"{total} channels"
-            )
-        rows = words.reshape(-1, total)[:, channels]
-        out = np.right_shift(rows.astype(np.int64), shift_of[channels]).T
-        return np.ascontiguousarray(out.astype(dtype)).tobytes()
-    # An IOC without RUN:BUFFER: the display frame stands in for the buffer.
+    return np.repeat(np.asarray(shifts, dtype=np.int64), [x.nchan for x in columns])
+
+
+def _new_buffer(
+    s: LegacySession, channels: list[int], columns: list[SiteView], shift_of: np.ndarray
+) -> tuple[bytes | None, int]:
+    """The channels of the newest run buffer not handed out yet, channel-major, shifted to
+    ADC codes (None: none is new), and its count."""
+    b = s.buffers
+    seen, latest = b.seen, b.latest  # taken together, with no await in between
+    if seen <= b.handed or latest is None:
+        return None, seen
+    words = np.asarray(latest)
+    total = len(shift_of)
+    if words.size % total:
+        raise BadRequest(
+            f"readBuffer: {BUFFER_PV} holds {words.size} words, not whole samples of "
+            f"{total} channels"
+        )
+    rows = words.reshape(-1, total)[:, channels]
+    out = np.right_shift(rows.astype(np.int64), shift_of[channels]).T
+    b.handed = seen
+    return np.ascontiguousarray(out.astype(_dtype(columns))).tobytes(), seen
+
+
+async def _new_frame(
+    s: LegacySession, channels: list[int], columns: list[SiteView]
+) -> tuple[bytes | None, int]:
+    """An IOC without RUN:BUFFER: its display frame stands in for the buffer, each handed
+    out once (told apart by the waveforms' own timestamps)."""
     names = []
     for c in channels:
         for site in columns:
@@ -740,9 +757,16 @@ async def _buffer(
                 names.append(f"{site.site}:AI:WF:{c + 1:02d}")
                 break
             c -= site.nchan
-    arrays = await asyncio.gather(*(s.read(n) for n in names))
-    length = min(len(a) for a in arrays) if arrays else 0
-    return b"".join(np.asarray(a[:length]).astype(dtype).tobytes() for a in arrays)
+    entries = await asyncio.gather(*(s.entry(n) for n in names))
+    b = s.buffers
+    stamp = max((e.timestamp for e in entries), default=0.0)
+    if not entries or stamp == b.frame_stamp:
+        return None, b.seen
+    arrays = [np.asarray(e.value) for e in entries]
+    length = min(len(a) for a in arrays)
+    b.frame_stamp, b.seen = stamp, b.seen + 1
+    b.handed = b.seen
+    return b"".join(a[:length].astype(_dtype(columns)).tobytes() for a in arrays), b.seen
 
 
 async def reset_readout(s: LegacySession, args: dict[str, Any]) -> Any:
