@@ -374,3 +374,5 @@ def test_buffer_size_is_words_rounded_up_to_whole_samples():
     assert buffer_bytes(1, acq425) == 40
     acq437 = [SiteView(1, 8, 4), SiteView(2, 8, 4)]  # 16 + 2 words of 4 bytes
     assert buffer_bytes(18 * 100, acq437) == 100 * 72
+    # The page's largest buffer, 1 Mi words, is kept within the IOC's 2 MiB.
+    assert buffer_bytes(1 << 20, acq425, most=2 << 20) == (2 << 20) // 40 * 40

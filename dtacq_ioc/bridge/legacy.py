@@ -501,12 +501,16 @@ def _arg(args: dict[str, Any], key: str, kinds: Any, default: Any, what: str) ->
     return value
 
 
-def buffer_bytes(words: int, sites: list[SiteView]) -> int:
-    """``buffer_size`` (a count of words) in bytes, rounded up to whole samples."""
+def buffer_bytes(words: int, sites: list[SiteView], most: int = 0) -> int:
+    """``buffer_size`` (a count of words) in bytes, rounded up to whole samples; with
+    `most`, no more whole samples than fit in it (the page's largest choice is exactly
+    getChannels' max_buffer, which rounding up would carry past the IOC's limit)."""
     word = sites[0].word_size
-    per_sample = sum(x.nchan for x in sites) + SPAD_BYTES // word
-    samples = max(1, -(-words // per_sample))
-    return samples * per_sample * word
+    sample = (sum(x.nchan for x in sites) + SPAD_BYTES // word) * word
+    samples = max(1, -(-words * word // sample))
+    if most:
+        samples = max(1, min(samples, most // sample))
+    return samples * sample
 
 
 async def start_readout(s: LegacySession, args: dict[str, Any]) -> Any:
@@ -549,7 +553,9 @@ async def start_readout(s: LegacySession, args: dict[str, Any]) -> Any:
         raise BadRequest("startReadout: buffer_size must be a count of words, not negative")
     run_sites = [x for x in sites if x.site in mod_list]
     if words:
-        writes.insert(0, ("BUFFER_SIZE", buffer_bytes(math.ceil(words), run_sites)))
+        limits = (await s.entry("BUFFER_SIZE")).limits
+        most = int(limits[1]) if limits else 0
+        writes.insert(0, ("BUFFER_SIZE", buffer_bytes(math.ceil(words), run_sites, most)))
     for suffix, value in writes:
         await s.write(suffix, value)
     before = text_of(await s.read("RUN:ID_RBV"))
