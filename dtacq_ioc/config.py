@@ -215,6 +215,9 @@ class BridgeConfig:
     tokens: tuple[Secret, ...] = ()
     slow_client_timeout_s: float = 30.0
     max_message_bytes: int = 65536
+    # Client addresses or networks allowed to write on the legacy endpoint without a token
+    # (the old page cannot send one); empty = none.
+    legacy_write_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -677,12 +680,20 @@ def _bridge(t: _Table) -> BridgeConfig:
         tokens=t.secrets("tokens"),
         slow_client_timeout_s=t.positive("slow_client_timeout_s", float, d.slow_client_timeout_s),
         max_message_bytes=t.positive("max_message_bytes", int, d.max_message_bytes),
+        legacy_write_hosts=t.strings("legacy_write_hosts"),
     )
     if b.legacy_port and b.legacy_port == b.port:
         t.error(t.path("legacy_port"), f"{b.legacy_port} is also bridge.port")
     for i, token in enumerate(b.tokens):
         if token.literal == "":  # would be ignored: writes refused to everyone, silently
             t.error(f"{t.path('tokens')}[{i}]", "must not be empty")
+    for i, value in enumerate(b.legacy_write_hosts):
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            t.error(
+                f"{t.path('legacy_write_hosts')}[{i}]", f"{value!r} is not an IP address or network"
+            )
     t.finish()
     return b
 

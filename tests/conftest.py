@@ -1,17 +1,13 @@
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import quote, unquote
 
 import httpx
 import pytest
+from file_server_standin import FileServerStandIn
 from support import free_port, random_loopback, stop_process, wait_for_port
 
 # Channel Access for this pytest process only: its own server port, so IOCs started by
@@ -120,109 +116,12 @@ def pouchdb(tmp_path_factory) -> Iterator[PouchServer]:
         server.stop()
 
 
-class FileServer:
-    """The experiment's file server, as its contract says: PUT/GET/DELETE
-    ``/_attachments/<db>/<docid>/<file>``; PUT and DELETE keep ``external_docs[<file>] =
-    {ondiskname, size, time}`` on the document. Callers must hold a CouchDB session or
-    basic credentials, checked against the database's ``/_session``."""
-
-    def __init__(self, couch: PouchServer, root: Path):
-        self.couch = couch
-        self.root = root
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def _handler(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def _target(self) -> tuple[str, str, str, Path] | None:
-                parts = [unquote(p) for p in self.path.split("?")[0].split("/")]
-                if len(parts) != 5 or parts[1] != "_attachments" or not self._authorized():
-                    self.send_error(404 if len(parts) != 5 else 401)
-                    return None
-                db, doc_id, name = parts[2:]
-                return db, doc_id, name, server.root / quote(db, "") / doc_id / name
-
-            def _authorized(self) -> bool:
-                headers = {
-                    k: v for k, v in self.headers.items() if k in ("Cookie", "Authorization")
-                }
-                r = httpx.get(f"{server.couch.url}/_session", headers=headers, timeout=10.0)
-                return bool(r.json().get("userCtx", {}).get("name"))
-
-            def do_PUT(self) -> None:
-                target = self._target()
-                if target is None:
-                    return
-                db, doc_id, name, path = target
-                path.parent.mkdir(parents=True, exist_ok=True)
-                remaining = int(self.headers["Content-Length"])
-                with open(path, "wb") as f:
-                    while remaining:
-                        chunk = self.rfile.read(min(remaining, 1 << 16))
-                        if not chunk:
-                            break
-                        f.write(chunk)
-                        remaining -= len(chunk)
-                entry = {"ondiskname": str(path), "size": path.stat().st_size, "time": time.time()}
-                server.set_external(db, doc_id, name, entry)
-                self._answer(201, {"ok": True, "id": doc_id, "file": name})
-
-            def do_GET(self) -> None:
-                target = self._target()
-                if target is None:
-                    return
-                path = target[3]
-                if not path.is_file():
-                    self.send_error(404)
-                    return
-                data = path.read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_DELETE(self) -> None:
-                target = self._target()
-                if target is None:
-                    return
-                db, doc_id, name, path = target
-                path.unlink(missing_ok=True)
-                server.set_external(db, doc_id, name, None)
-                self._answer(200, {"ok": True})
-
-            def _answer(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        return Handler
-
-    def set_external(self, db: str, doc_id: str, name: str, entry: dict | None) -> None:
-        with self.couch.admin(db) as client:
-            doc = client.get_document(doc_id)
-            external = doc.setdefault("external_docs", {})
-            if entry is None:
-                external.pop(name, None)
-            else:
-                external[name] = entry
-            client.request("PUT", client.db_path(doc_id), json=doc)
-
-
 @pytest.fixture
-def file_server(pouchdb: PouchServer, tmp_path_factory) -> Iterator[FileServer]:
-    server = FileServer(pouchdb, tmp_path_factory.mktemp("file_server"))
-    server.thread.start()
+def file_server(pouchdb: PouchServer, tmp_path_factory) -> Iterator[FileServerStandIn]:
+    """The experiment's file server beside pouchdb-server (tests/file_server_standin.py)."""
+    root = tmp_path_factory.mktemp("file_server")
+    server = FileServerStandIn(pouchdb.url, COUCH_ADMIN, root).start()
     try:
         yield server
     finally:
-        server.httpd.shutdown()
-        server.httpd.server_close()
+        server.stop()

@@ -365,3 +365,16 @@ def test_the_bridge_alone_is_refused_a_port_in_use_though_run_would_not_start_it
         timeout=60,
     )
     assert (res.returncode, res.stderr) == (0, "")  # `run` would not start the bridge
+
+
+def test_legacy_write_hosts_are_addresses_or_networks():
+    card = '[[cards]]\nname="A"\nhost="h"\nprefix="A:"\n[cards.modules]\n1="ACQ425ELF"\n'
+    text = '[bridge]\nlegacy_write_hosts = ["192.168.1.113", "10.1.0.0/16", "::1"]\n'
+    cfg = parse_config(text + card, Path("x.toml"))
+    assert cfg.bridge.legacy_write_hosts == ("192.168.1.113", "10.1.0.0/16", "::1")
+    assert parse_config(card, Path("x.toml")).bridge.legacy_write_hosts == ()  # off by default
+    with pytest.raises(ConfigError) as err:
+        parse_config('[bridge]\nlegacy_write_hosts = ["control-room"]\n' + card, Path("x.toml"))
+    assert err.value.lines == [
+        "x.toml: bridge.legacy_write_hosts[0]: 'control-room' is not an IP address or network"
+    ]

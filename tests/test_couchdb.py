@@ -42,7 +42,7 @@ HEADER = {
     "log": "first light",
     "current_gains": {"1": {"1": 0, "2": 3}},
     "gain_conversion": {"0": "x1", "1": "x2", "2": "x4", "3": "x8"},
-    "filename": "2026-11-25 16-27-39.123456-0.dig",
+    "filename": "2026-11-25_16-27-39.123456-0.dig",
     "logitems": {"operator": "kim", "field_uT": 1.5},
     "file_index": 0,
 }
@@ -51,7 +51,7 @@ HEADER = {
 def record_with_files(tmp_path: Path, sizes: tuple[int, ...] = (3_000_000,)) -> RunRecord:
     files = []
     for i, size in enumerate(sizes):
-        path = tmp_path / f"2026-11-25 16-27-39.123456-{i}.dig"
+        path = tmp_path / f"2026-11-25_16-27-39.123456-{i}.dig"
         path.write_bytes(os.urandom(size))
         files.append(RunFile.from_path(path))
     return RunRecord(
@@ -116,7 +116,9 @@ def test_document_defaults():
     record = RunRecord(run_id="r", host="10.0.0.7", started=1.0, header={"channel_list": [0]})
     doc = measurement_document(record)
     assert doc["measurement_name"] == "Digitizer 10.0.0.7"
-    assert doc["ip"] == "10.0.0.7" and doc["date"] == "1970-01-01 00-00-01.000000"
+    # str(datetime.utcnow()), as the old server wrote it; no files, no filename
+    assert doc["ip"] == "10.0.0.7" and doc["date"] == "1970-01-01 00:00:01"
+    assert "filename" not in doc
 
 
 def test_update_handler_contract(pouchdb):
@@ -189,15 +191,63 @@ def test_file_server_mode(pouchdb, file_server, tmp_path):
         doc_id = client.insert_with_timestamp(measurement_document(record))
         client.upload_file(doc_id, f)
         doc = client.get_document(doc_id)
+        # The name on the document, its key, the name on disk and the link agree.
         entry = doc["external_docs"][f.name]
-        assert entry["size"] == f.size and Path(entry["ondiskname"]).is_file()
+        assert entry["size"] == f.size and entry["ondiskname"] == f.name
         assert client.file_confirmed(doc, f) and "_attachments" not in doc
-        url = f"{file_server.url}/_attachments/{COUCH_DB}/{doc_id}/{f.name}"
+        link = client.attachment_link(doc_id, f.name)
+        assert link == f"/_attachments/{COUCH_DB}/{doc_id}/{f.name}"
+        url = file_server.url + link
         assert client.request("GET", url).content == Path(f.path).read_bytes()
         client.request("DELETE", url)
         assert f.name not in client.get_document(doc_id)["external_docs"]
     # The file server, like the database, wants credentials.
-    assert httpx.put(url, content=b"x").status_code == 401
+    assert httpx.put(url, content=b"x").status_code == 403
+
+
+def test_a_name_the_file_server_would_change_is_refused(pouchdb, file_server, tmp_path):
+    path = tmp_path / "2026-11-25 16-27-39.123456-0.dig"  # the old naming, with a space
+    path.write_bytes(b"data")
+    with CouchClient(pouchdb.settings(file_server=file_server.url)) as client:
+        doc_id = client.insert_with_timestamp({"type": "measurement"})
+        with pytest.raises(CouchError, match="must need no URL encoding"):
+            client.upload_file(doc_id, RunFile.from_path(path))
+    assert file_server.puts == []
+
+
+def test_a_file_server_on_another_host_gets_its_own_session(pouchdb, tmp_path, loopback):
+    """Cookies belong to a host: the client logs in through the file server's host too."""
+    from conftest import COUCH_ADMIN
+    from file_server_standin import FileServerStandIn
+
+    other = FileServerStandIn(pouchdb.url, COUCH_ADMIN, tmp_path / "fs", host=loopback).start()
+    try:
+        record = record_with_files(tmp_path, sizes=(5000,))
+        f = record.files[0]
+        with CouchClient(pouchdb.settings(file_server=other.url)) as client:
+            doc_id = client.insert_with_timestamp(measurement_document(record))
+            client.upload_file(doc_id, f)
+            assert client.file_confirmed(client.get_document(doc_id), f)
+            link = other.url + client.attachment_link(doc_id, f.name)
+        assert httpx.get(link, auth=COUCH_WRITER).content == Path(f.path).read_bytes()
+    finally:
+        other.stop()
+
+
+def test_db_name_given_url_encoded_works_as_plain(pouchdb):
+    """The old environment had DB_NAME=nedm%2Fmeasurements: decoded once, encoded on use."""
+    from dtacq_ioc.config import CouchConfig, Secret
+
+    encoded = "%6D" + COUCH_DB[1:]  # "measurements" with its first letter encoded
+    couch = CouchConfig(
+        url=Secret(literal=pouchdb.url), db=Secret(literal=encoded),
+        user=Secret(literal=COUCH_WRITER[0]), password=Secret(literal=COUCH_WRITER[1]),
+    )  # fmt: skip
+    settings = CouchSettings.from_config(couch)
+    assert settings.db == COUCH_DB
+    with CouchClient(settings) as client:
+        doc_id = client.insert_with_timestamp({"type": "measurement"})
+        assert client.get_document(doc_id)["type"] == "measurement"
 
 
 def test_bad_credentials_are_refused_in_one_line(pouchdb):

@@ -14,6 +14,7 @@ from dtacq_ioc.archive.dig import (
     DigWriter,
     dig_name,
     file_date,
+    header_date,
     read_dig,
     read_run,
     run_files,
@@ -99,7 +100,8 @@ def test_truncated_file_reads_up_to_the_last_whole_sample(tmp_path):
 
 def test_read_run_follows_the_files_in_order(tmp_path):
     date = file_date(0.0)
-    assert date == "1970-01-01 00-00-00.000000"
+    assert date == "1970-01-01_00-00-00.000000"  # needs no percent-encoding in a URL
+    assert header_date(0.5) == "1970-01-01 00:00:00.500000"  # str(datetime.utcnow())
     data = np.arange(200, dtype="<i2").reshape(100, 2)
     bounds = [0, 30, 31, 100]
     for i in range(3):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -102,10 +103,13 @@ def test_run_writes_selected_channels_and_records_it(tmp_path, catalog):
     np.testing.assert_array_equal(chans[1], ai[:, 1])
     assert header["channel_list"] == [3, 1] and header["byte_depth"] == 2
     assert header["measurement_name"] == "m1" and header["coil"] == "A"
-    assert header["current_gains"] == {"1": {"1": 0, "2": 1, "3": 2, "4": 3}}
+    assert header["current_gains"] == {"1": {"0": 0, "1": 1, "2": 2, "3": 3}}  # 0-based
     assert header["gain_conversion"] == {"0": "x1", "1": "x2", "2": "x4", "3": "x8"}
     assert header["first_counter"] == 1 and header["ip"] == "127.0.0.9"
-    assert run.files[0].name == f"{header['date']}-0.dig"
+    # The file is named by the date with URL-safe separators; the header has it as the
+    # old server wrote it, and its own name.
+    assert run.files[0].name == f"{run.date}-0.dig" == header["filename"]
+    assert header["date"] == str(datetime.fromtimestamp(run.started, UTC).replace(tzinfo=None))
     rec = catalog.get_run(run.run_id)
     assert rec.state == "complete" and rec.samples == 300 and rec.bytes_written == 300 * 4
     assert [f.sha256 for f in rec.files] == [sha256_of(f.path) for f in rec.files]

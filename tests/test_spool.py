@@ -7,6 +7,7 @@ import os
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import COUCH_WRITER, PouchServer
 
@@ -242,3 +243,144 @@ def test_interrupted_run_is_spooled_at_recovery(tmp_path):
         assert catalog.get_run(record.run_id).doc_id == entry.doc_id
     finally:
         catalog.close()
+
+
+def couch_archive(pouchdb: PouchServer, tmp_path: Path, file_server: str = "") -> ArchiveConfig:
+    user, password = COUCH_WRITER
+    return ArchiveConfig(
+        backend="couchdb",
+        data_dir=tmp_path / "data",
+        retry_max_s=0.4,
+        couchdb=CouchConfig(
+            url=Secret(literal=pouchdb.url), db=Secret(literal="measurements"),
+            user=Secret(literal=user), password=Secret(literal=password),
+            file_server=file_server,
+        ),
+    )  # fmt: skip
+
+
+def wait_until(predicate, what: str, timeout: float = 30.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_document_at_start_and_files_as_they_close(pouchdb, file_server, tmp_path):
+    """As the old server did: the document goes in when the run starts (its timestamp is
+    the start), each file when it closes; the end adds our fields and keeps the stamp."""
+    catalog = open_catalog(couch_archive(pouchdb, tmp_path, file_server.url))
+    settings = pouchdb.settings(file_server=file_server.url)
+    try:
+        record = run_record(tmp_path, run_id="run-live", sizes=(2000, 3000))
+        files = list(record.files)
+        start = RunRecord(run_id=record.run_id, card="DIG1", host=record.host, upload=True,
+                          header=dict(record.header), started=record.started)  # fmt: skip
+        catalog.run_started(start)
+        doc_id = start.doc_id
+        with CouchClient(settings) as client:
+            doc = wait_until(lambda: client.get_document(doc_id), "the document at the start")
+            stamp = doc["timestamp"]
+            assert doc["type"] == "measurement" and "external_docs" not in doc
+            update = RunRecord(**{**start.to_dict(), "files": files[:1]})
+            catalog.run_updated(update)
+            wait_until(
+                lambda: files[0].name in (client.get_document(doc_id).get("external_docs") or {}),
+                "the first file, while the run goes on",
+            )
+            catalog.run_finished(record)
+            assert catalog.spool.wait_idle(30)
+            doc = client.get_document(doc_id)
+            assert sorted(doc["external_docs"]) == sorted(f.name for f in files)
+            assert doc["timestamp"] == stamp, "the start stays the document's time"
+            assert doc[EXTRAS_KEY]["state"] == "complete" and doc["filename"] == files[0].name
+        assert len(file_server.puts) == 2, file_server.puts  # each file once
+    finally:
+        catalog.close()
+
+
+def test_upload_without_files_posts_the_document_alone(pouchdb, tmp_path):
+    catalog = open_catalog(couch_archive(pouchdb, tmp_path))
+    try:
+        record = run_record(tmp_path, run_id="run-nosave", sizes=())
+        catalog.run_started(RunRecord(run_id=record.run_id, card="DIG1", upload=True))
+        catalog.run_finished(record)
+        assert catalog.spool.wait_idle(30)
+        assert catalog.upload_state(record.run_id).state == "delivered"
+        with CouchClient(pouchdb.settings()) as client:
+            doc = client.get_document(catalog.get_run(record.run_id).doc_id)
+        assert doc["type"] == "measurement" and "filename" not in doc
+    finally:
+        catalog.close()
+
+
+def test_three_runs_through_the_file_server_each_delivered_once(pouchdb, file_server, tmp_path):
+    catalog = open_catalog(couch_archive(pouchdb, tmp_path, file_server.url))
+    try:
+        records = [run_record(tmp_path, run_id=f"run-{i}", sizes=(4000, 500)) for i in range(3)]
+        for record in records:
+            catalog.run_started(RunRecord(run_id=record.run_id, card="DIG1", upload=True))
+            catalog.run_finished(record)
+        assert catalog.spool.wait_idle(30)
+        assert len(file_server.puts) == 6, file_server.puts  # no retry loop
+        with CouchClient(pouchdb.settings()) as client:
+            for record in records:
+                doc_id = catalog.get_run(record.run_id).doc_id
+                doc = client.get_document(doc_id)
+                for f in record.files:
+                    entry = doc["external_docs"][f.name]
+                    assert entry["ondiskname"] == f.name and entry["size"] == f.size
+                    got = httpx.get(file_server.url + client.attachment_link(doc_id, f.name),
+                                    auth=COUCH_WRITER)  # fmt: skip
+                    assert got.content == Path(f.path).read_bytes()
+    finally:
+        catalog.close()
+
+
+def test_a_refused_file_backs_off_raises_the_alarm_and_is_sent_alone(
+    pouchdb, file_server, tmp_path
+):
+    import time
+
+    delays: list[float] = []
+
+    def record_delay(entry: SpoolEntry, error: str | None) -> None:
+        if error is not None:
+            delays.append(entry.next_try - time.time())
+
+    spool = Spool(
+        tmp_path / "spool", pouchdb.settings(file_server=file_server.url),
+        on_result=record_delay, initial_backoff_s=0.05, max_backoff_s=0.4,
+    )  # fmt: skip
+    record = run_record(tmp_path, run_id="run-refused", sizes=(3000, 7000))
+    good, bad = record.files
+    file_server.refuse[bad.name] = 500
+    spool.add(record)
+    spool.start()
+    try:
+        alarm = wait_until(lambda: spool.alarm, "the alarm")
+        assert alarm.startswith(f"run {record.run_id}: {bad.name} refused 3 times")
+        assert "500" in alarm and "too large for the disk" in alarm
+        wait_until(lambda: len(delays) >= 6, "six attempts")
+        expected = [min(0.05 * 2**k, 0.4) for k in range(6)]
+        assert all(abs(d - e) < 0.05 for d, e in zip(delays, expected, strict=False)), delays
+        del file_server.refuse[bad.name]
+        assert spool.wait_idle(30)
+        assert spool.alarm == ""
+    finally:
+        spool.stop()
+    names = [p.rsplit("/", 1)[-1] for p in file_server.puts]
+    assert names.count(good.name) == 1, "a confirmed file is never sent again"
+    assert names.count(bad.name) >= 7
+    assert_delivered_file_server(pouchdb, file_server, record)
+
+
+def assert_delivered_file_server(pouchdb, file_server, record: RunRecord) -> None:
+    with CouchClient(pouchdb.settings(file_server=file_server.url)) as client:
+        doc = client.get_document(record.doc_id)
+        assert all(client.file_confirmed(doc, f) for f in record.files)

@@ -1,8 +1,9 @@
 """The run catalog: what the run writer reports to, whatever the backend.
 
 Both backends keep the local SQLite catalog (so ``dtacq-ioc runs`` and recovery work
-without a network); the ``couchdb`` backend also spools each finished run marked for
-upload and delivers it to the experiment's database in the background.
+without a network); the ``couchdb`` backend also spools each run marked for upload and
+delivers it to the experiment's database in the background, as the old server did: the
+document when the run starts, each file as it closes, our final fields at the end.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Protocol, runtime_checkable
 
+from dtacq_ioc.archive.couchdb import run_doc_id
 from dtacq_ioc.archive.records import RunFile, RunRecord
-from dtacq_ioc.archive.spool import Spool, SpoolEntry, new_doc_id
+from dtacq_ioc.archive.spool import Spool, SpoolEntry
 from dtacq_ioc.archive.sqlite import CATALOG_FILE, SqliteCatalog
 from dtacq_ioc.config import ArchiveConfig
 
@@ -47,6 +49,27 @@ class CouchCatalog(SqliteCatalog):
         if start_delivery:
             self.spool.start()
 
+    @property
+    def delivery_alarm(self) -> str:
+        """One line while the database keeps refusing a file (run, file, its answer)."""
+        return self.spool.alarm
+
+    def run_started(self, record: RunRecord) -> None:
+        if record.upload:
+            record.doc_id = record.doc_id or run_doc_id(record.run_id)
+        super().run_started(record)
+        if record.upload:
+            self.set_upload_state(record.run_id, "spooled", record.doc_id)
+            self.spool.begin(record)
+
+    def run_updated(self, record: RunRecord) -> None:
+        if record.upload:
+            record.doc_id = record.doc_id or run_doc_id(record.run_id)
+        super().run_updated(record)
+        if record.upload:
+            self._prepare_upload(record)
+            self.spool.add_files(record)
+
     def run_finished(self, record: RunRecord) -> None:
         wanted = self._prepare_upload(record)
         super().run_finished(record)
@@ -68,9 +91,9 @@ class CouchCatalog(SqliteCatalog):
 
     def _prepare_upload(self, record: RunRecord) -> bool:
         """Whether to upload; if so fix the document id and file digests before saving."""
-        if not record.upload or not record.files:
-            return False  # a run that wrote nothing has nothing worth a document
-        record.doc_id = record.doc_id or new_doc_id()
+        if not record.upload:
+            return False  # with upload on and save off the document goes alone
+        record.doc_id = record.doc_id or run_doc_id(record.run_id)
         record.files = [f if f.sha256 else RunFile.from_path(f.path, f.name) for f in record.files]
         return True
 

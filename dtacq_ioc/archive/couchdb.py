@@ -4,8 +4,10 @@ Documents go through the experiment's update handler
 ``_design/nedm_default/_update/insert_with_timestamp`` (which sets ``timestamp`` and
 ``created_by``); run files go either to native attachments or, when a file server is
 configured, to ``PUT <file_server>/_attachments/<db>/<docid>/<file>``, which records
-``external_docs[<file>]`` on the document. Uploads stream from disk with a progress
-callback and are verified against what the server then reports.
+``external_docs[<file>]`` on the document. The file server takes the name from the raw
+request path, so file names must need no percent-encoding (ours never do). Uploads
+stream from disk with a progress callback and are verified against what the server
+then reports. Only ``external_docs`` is seen by the experiment's page and pynedm.
 """
 
 from __future__ import annotations
@@ -15,17 +17,17 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 
-from dtacq_ioc.archive.dig import LEGACY_FIELDS
+from dtacq_ioc.archive.dig import LEGACY_FIELDS, header_date
 from dtacq_ioc.archive.records import RunFile, RunRecord
 from dtacq_ioc.config import CouchConfig
 
@@ -73,6 +75,8 @@ class CouchSettings:
                 where = f" (environment variable {secret.env})" if secret.env else ""
                 raise CouchError(f"archive.couchdb.{key} is not set{where}")
             values[key] = value
+        # The old environment gave DB_NAME URL-encoded (nedm%2Fmeasurements).
+        values["db"] = unquote(values["db"])
         return cls(
             **values, auth=couch.auth, file_server=couch.file_server, timeout_s=couch.timeout_s
         )
@@ -96,9 +100,23 @@ class CouchClient:
             timeout=settings.timeout_s,
             headers={"Accept": "application/json", "Accept-Encoding": "identity"},
         )
+        # A file server on another host needs a session (cookie) of its own: it checks
+        # the caller's CouchDB session through its own proxy.
+        self._files = self._http
+        self._files_logged_in = True
+        if settings.file_server and _origin(settings.file_server) != _origin(settings.url):
+            self._files = httpx.Client(
+                base_url=settings.file_server.rstrip("/"),
+                auth=auth,
+                timeout=settings.timeout_s,
+                headers={"Accept": "application/json", "Accept-Encoding": "identity"},
+            )
+            self._files_logged_in = False
 
     def close(self) -> None:
         self._http.close()
+        if self._files is not self._http:
+            self._files.close()
 
     def __enter__(self) -> CouchClient:
         return self
@@ -108,18 +126,27 @@ class CouchClient:
 
     # -- session -----------------------------------------------------------------
 
-    def login(self) -> None:
+    def login(self, http: httpx.Client | None = None) -> None:
         """Start a cookie session (POST /_session); basic auth and admin party need none."""
-        if not self.settings.user or self.settings.auth != "cookie":
+        if not self._cookies:
             return
+        http = http or self._http
         r = self._send(
             "POST",
             "/_session",
+            http=http,
             json={"name": self.settings.user, "password": self.settings.password},
         )
         if r.status_code >= 400:
             raise _error(r, f"login as {self.settings.user}")
-        self._logged_in = True
+        if http is self._http:
+            self._logged_in = True
+        else:
+            self._files_logged_in = True
+
+    @property
+    def _cookies(self) -> bool:
+        return bool(self.settings.user) and self.settings.auth == "cookie"
 
     # -- documents ---------------------------------------------------------------
 
@@ -154,12 +181,24 @@ class CouchClient:
 
     # -- files -------------------------------------------------------------------
 
+    def attachment_link(self, doc_id: str, name: str) -> str:
+        """The file server's path of a file, as the experiment's page links it."""
+        return f"/_attachments/{quote(self.db, safe='')}/{quote(doc_id, safe='')}/{name}"
+
+    def file_link(self, doc_id: str, name: str) -> str:
+        """Where a delivered file is read: the file server's link, else the attachment."""
+        if self.settings.file_server:
+            return self.attachment_link(doc_id, name)
+        return self.db_path(doc_id, name)
+
     def upload_file(self, doc_id: str, f: RunFile, progress: Progress | None = None) -> str:
         """Stream one file to the document; return its md5 (base64), as CouchDB digests."""
         if self.settings.file_server:
-            base = self.settings.file_server.rstrip("/")
-            url = f"{base}/_attachments/{quote(self.db, safe='')}/{quote(doc_id, safe='')}"
-            return self._put_file("PUT", f"{url}/{quote(f.name, safe='')}", f, progress)
+            if quote(f.name, safe="") != f.name or ":" in f.name:
+                # The file server stores the raw path segment: it would record another name.
+                raise CouchError(f"{f.name}: a file-server name must need no URL encoding")
+            url = self.settings.file_server.rstrip("/") + self.attachment_link(doc_id, f.name)
+            return self._put_file("PUT", url, f, progress)
         doc = self.get_document(doc_id)
         if doc is None:
             raise CouchError(f"document {doc_id} vanished before its file {f.name} was sent")
@@ -202,8 +241,24 @@ class CouchClient:
                     yield chunk
 
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-        self.request(method, url, content=chunks(), headers=headers, params=params)
+        http = self._files if self.settings.file_server else self._http
+        self.request(method, url, content=chunks(), headers=headers, params=params, http=http)
         return base64.b64encode(md5.digest()).decode()
+
+    def update_document(self, doc_id: str, changes: dict[str, Any]) -> None:
+        """Merge ``changes`` into a document with a plain PUT (not the update handler, which
+        would move ``timestamp`` and so the run in the calendar views); retried on conflict
+        with the file server's own writes."""
+        for _ in range(5):
+            doc = self.get_document(doc_id)
+            if doc is None:
+                raise CouchError(f"document {doc_id} vanished before its final update")
+            if all(doc.get(k) == v for k, v in changes.items()):
+                return
+            r = self.request("PUT", self.db_path(doc_id), json={**doc, **changes}, allow=(409,))
+            if r.status_code != 409:
+                return
+        raise CouchError(f"document {doc_id}: update kept conflicting with other writers")
 
     # -- setup (tests and new databases) ---------------------------------------------
 
@@ -222,28 +277,44 @@ class CouchClient:
     # -- transport ---------------------------------------------------------------
 
     def request(
-        self, method: str, url: str, allow: tuple[int, ...] = (), **kwargs: Any
+        self,
+        method: str,
+        url: str,
+        allow: tuple[int, ...] = (),
+        http: httpx.Client | None = None,
+        **kwargs: Any,
     ) -> httpx.Response:
         """Send, logging in first or again when a cookie session is due; raise on errors."""
-        if self.settings.user and self.settings.auth == "cookie" and not self._logged_in:
-            self.login()
-        r = self._send(method, url, **kwargs)
-        if r.status_code == 401 and self._logged_in and not _is_stream(kwargs):
-            self._logged_in = False  # the session expired: log in once more
-            self.login()
-            r = self._send(method, url, **kwargs)
+        http = http or self._http
+        if self._cookies and not self._has_session(http):
+            self.login(http)
+        r = self._send(method, url, http=http, **kwargs)
+        if r.status_code == 401 and self._cookies and not _is_stream(kwargs):
+            self.login(http)  # the session expired: log in once more
+            r = self._send(method, url, http=http, **kwargs)
         if r.status_code >= 400 and r.status_code not in allow:
             raise _error(r, f"{method} {_path_of(r)}")
         return r
 
-    def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    def _has_session(self, http: httpx.Client) -> bool:
+        return self._logged_in if http is self._http else self._files_logged_in
+
+    def _send(
+        self, method: str, url: str, http: httpx.Client | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        http = http or self._http
         try:
-            return self._http.request(method, url, **kwargs)
+            return http.request(method, url, **kwargs)
         except httpx.TransportError as exc:
-            where = url if url.startswith("http") else f"{self.settings.url.rstrip('/')}{url}"
+            where = url if url.startswith("http") else f"{str(http.base_url).rstrip('/')}{url}"
             # A URL may carry credentials (user:password@host): never put them in a message.
             where = str(httpx.URL(where).copy_with(userinfo=b""))
             raise CouchUnreachable(f"{where}: {type(exc).__name__}: {exc}") from None
+
+
+def _origin(url: str) -> str:
+    """The host a cookie belongs to (cookies ignore the port)."""
+    return (urlsplit(url).hostname or "").lower()
 
 
 def _view_param(key: str, value: Any) -> str:
@@ -293,13 +364,15 @@ def design_documents() -> dict[str, dict[str, Any]]:
     return docs
 
 
-def legacy_date(t: float) -> str:
-    """The old file-name date: UTC ``YYYY-MM-DD HH-MM-SS.ffffff``."""
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H-%M-%S.%f")
+def run_doc_id(run_id: str) -> str:
+    """A run's document id, chosen before the first attempt and derived from the run id,
+    so any reader of the run (the bridge, a script) finds its document."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"dtacq-ioc:run:{run_id}").hex
 
 
 def measurement_document(record: RunRecord) -> dict[str, Any]:
-    """The document the old server wrote for a run, plus our extras under ``dtacq_run``."""
+    """The document the old server posted at a run's start (its fields, logitems at top
+    level), plus our extras under ``dtacq_run``; with the run's files once they exist."""
     header = record.header
     doc: dict[str, Any] = {"type": "measurement"}
     for key in LEGACY_FIELDS:
@@ -310,14 +383,25 @@ def measurement_document(record: RunRecord) -> dict[str, Any]:
     )
     doc["log"] = record.log or header.get("log", "")
     doc.setdefault("ip", record.host)
-    doc.setdefault("date", legacy_date(record.started or time.time()))
-    doc.setdefault("filename", record.files[0].name if record.files else "")
+    doc.setdefault("date", header_date(record.started or time.time()))
+    if record.files:
+        doc["filename"] = record.files[0].name
+    else:
+        doc.pop("filename", None)
     for key, value in _logitems(header.get("logitems")).items():
         if key in doc or key.startswith("_") or key in ("type", EXTRAS_KEY):
             log.warning("run %s: logitem %r would replace a field; skipped", record.run_id, key)
             continue
         doc[key] = value
-    doc[EXTRAS_KEY] = {
+    doc[EXTRAS_KEY] = run_extras(record)
+    return doc
+
+
+def run_extras(record: RunRecord) -> dict[str, Any]:
+    """Our fields of a run, kept under ``dtacq_run`` clear of the old names."""
+    header = record.header
+    skip = (*LEGACY_FIELDS, "logitems", "type")
+    return {
         "run_id": record.run_id,
         "card": record.card,
         "state": record.state,
@@ -329,9 +413,8 @@ def measurement_document(record: RunRecord) -> dict[str, Any]:
         "started": record.started,
         "stopped": record.stopped,
         "files": {f.name: {"size": f.size, "sha256": f.sha256} for f in record.files},
-        "header": {k: v for k, v in header.items() if k not in LEGACY_FIELDS and k != "logitems"},
+        "header": {k: v for k, v in header.items() if k not in skip},
     }
-    return doc
 
 
 def _logitems(items: Any) -> dict[str, Any]:

@@ -4,17 +4,17 @@ Layout: uint32 little-endian N, then N bytes of JSON header padded with spaces
 to a multiple of 4, then samples in sample-major order over the header's
 `channel_list`: raw int16/int32 words as the card sent them (readers apply
 `bit_shift`), or float64 when `is_float` (downsampled data). A run writes
-`<date>-0.dig`, `<date>-1.dig`, ... with date UTC `YYYY-MM-DD HH-MM-SS.ffffff`.
+`<date>-0.dig`, `<date>-1.dig`, ... with date UTC `YYYY-MM-DD_HH-MM-SS.ffffff`: the old
+names had a space there, but the experiment's file server and pynedm put names into
+URLs unencoded, so a name must need no percent-encoding.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
-import struct
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import IO, Any, Protocol
 import numpy as np
 
 from dtacq_ioc.archive.records import RunFile
+from dtacq_ioc.framing import LENGTH, pack_header, unpack_header
 
 # The header fields the old system wrote (and its readers and database documents use).
 LEGACY_FIELDS = (
@@ -44,10 +45,9 @@ LEGACY_FIELDS = (
 
 log = logging.getLogger(__name__)
 
-DATE_FORMAT = "%Y-%m-%d %H-%M-%S.%f"
+DATE_FORMAT = "%Y-%m-%d_%H-%M-%S.%f"  # only characters a URL carries as they are
 SUFFIX = ".dig"
 _NAME_RE = re.compile(r"^(?P<date>.+)-(?P<index>\d+)\.dig$")
-_LEN = struct.Struct("<I")
 
 Opener = Callable[[Path], IO[bytes]]
 
@@ -66,6 +66,12 @@ def file_date(when: float | datetime) -> str:
     """The UTC date string used in file names (and nowhere needing colons)."""
     dt = when if isinstance(when, datetime) else datetime.fromtimestamp(when, UTC)
     return dt.astimezone(UTC).strftime(DATE_FORMAT)
+
+
+def header_date(when: float) -> str:
+    """The header's and document's ``date``: what the old server's
+    ``str(datetime.utcnow())`` gave (``2026-12-01 19:17:25.517860``)."""
+    return str(datetime.fromtimestamp(when, UTC).replace(tzinfo=None))
 
 
 def dig_name(date: str, index: int) -> str:
@@ -91,11 +97,7 @@ def safe_path(base: Path, *parts: str) -> Path:
     return path
 
 
-def encode_header(header: dict[str, Any]) -> bytes:
-    """The length word and the space-padded JSON header."""
-    text = json.dumps(header, sort_keys=True).encode()
-    text += b" " * (-len(text) % 4)
-    return _LEN.pack(len(text)) + text
+encode_header = pack_header  # the length word and the space-padded JSON header
 
 
 def sample_dtype(header: dict[str, Any]) -> np.dtype:
@@ -209,20 +211,16 @@ def _open_unbuffered(path: Path) -> IO[bytes]:
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """The header of a .dig file and the offset of its first sample."""
     with open(path, "rb") as f:
-        raw = f.read(4)
-        if len(raw) < 4:
-            raise DigError(f"{path}: too short for a .dig header")
-        (n,) = _LEN.unpack(raw)
-        text = f.read(n)
-    if len(text) < n:
-        raise DigError(f"{path}: header cut short ({len(text)} of {n} bytes)")
+        raw = f.read(LENGTH.size)
+        if len(raw) == LENGTH.size:
+            raw += f.read(LENGTH.unpack(raw)[0])
     try:
-        header = json.loads(text.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DigError(f"{path}: header is not JSON: {exc}") from None
-    if not isinstance(header, dict) or "channel_list" not in header:
+        header, offset = unpack_header(raw)
+    except ValueError as exc:
+        raise DigError(f"{path}: {exc}") from None
+    if "channel_list" not in header:
         raise DigError(f"{path}: header has no channel_list")
-    return header, 4 + n
+    return header, offset
 
 
 def map_dig(path: str | os.PathLike[str]) -> tuple[dict[str, Any], np.ndarray, int]:

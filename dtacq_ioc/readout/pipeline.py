@@ -310,6 +310,7 @@ class Readout:
                 if self.card.site_info(s).spec.name in labels
             },
             buffer_samples=self.buffer_samples,
+            card_nchan=self.layout.card_nchan,
         )
 
     def _restart(self, sites: tuple[int, ...], buffer_samples: int) -> None:

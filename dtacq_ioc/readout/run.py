@@ -23,7 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from dtacq_ioc.archive.dig import LEGACY_FIELDS, Opener, file_date, safe_path
+from dtacq_ioc.archive.dig import (
+    LEGACY_FIELDS,
+    Opener,
+    dig_name,
+    file_date,
+    header_date,
+    safe_path,
+)
 from dtacq_ioc.archive.records import RunFile, RunRecord
 from dtacq_ioc.readout.guarded import call_guarded
 from dtacq_ioc.readout.integrity import COUNTER_MODULUS, Gap
@@ -184,6 +191,7 @@ class StreamInfo:
     gains: Mapping[int, list[int]]  # site -> code per channel
     gain_labels: Mapping[int, tuple[str, ...]]  # site -> label per code
     buffer_samples: int
+    card_nchan: int = 0  # the card's NCHAN in words, spad included (0: AI channels only)
 
 
 class ChannelView(Mapping[int, np.ndarray]):
@@ -228,10 +236,11 @@ def run_header(
     stream: StreamInfo,
     channels: tuple[int, ...],
     byte_depth: int,
-    date: str,
+    started: float,
     run_id: str,
 ) -> dict[str, Any]:
-    """The .dig header of a run (logitems at top level, as the old system wrote them)."""
+    """The .dig header of a run, with the old server's fields as it wrote them (the
+    measurement document is this header); logitems at top level, as it had them."""
     s, st, cmap = settings, stream, stream.channel_map
     first_site = cmap.sites[0]
     is_float = s.downsample > 1
@@ -240,19 +249,20 @@ def run_header(
     labels = st.gain_labels.get(first_site.site, first_site.spec.gain_labels)
     header: dict[str, Any] = dict(s.logitems)
     header.update(
-        channels=cmap.nchan,
+        type="measurement",
+        channels=st.card_nchan or cmap.nchan,
         channel_list=list(channels),
         byte_depth=byte_depth,
         bit_shift=shift,
         is_float=is_float,
         ip=st.host,
         downsample=s.downsample,
-        freq_hz=st.sample_rate_hz,
-        date=date,  # as in the file names, UTC "YYYY-MM-DD HH-MM-SS.ffffff"
+        freq_hz=float(st.sample_rate_hz),
+        date=header_date(started),
         measurement_name=s.measurement_name or f"Digitizer {st.host}",
         log=s.log,
         current_gains={
-            str(site): {str(i + 1): code for i, code in enumerate(codes)}
+            str(site): {str(i): code for i, code in enumerate(codes)}
             for site, codes in st.gains.items()
         },
         gain_conversion={str(i): label for i, label in enumerate(labels)},
@@ -332,6 +342,9 @@ class Run:
         self.counter_errors = 0
         self.overruns = 0
         self.files: list[RunFile] = []
+        self._closed_files: list[RunFile] = []
+        # A file-closed report must never follow the final record (it would say "running").
+        self._report_lock = threading.Lock()
         self.record: RunRecord | None = None
         self._new_file = False
         # Re-entrant: a state callback on the socket thread may stop the run.
@@ -357,18 +370,42 @@ class Run:
         if settings.save_files:
             pool = BufferPool(queue_buffers, pool_bytes)
             self._writer = RunWriter(
-                self.directory, self.date, self._file_header, pool, opener, self._writer_failed
+                self.directory,
+                self.date,
+                self._file_header,
+                pool,
+                opener,
+                self._writer_failed,
+                self._file_closed,
             )
 
     # -- header and record --------------------------------------------------------------
 
     def _header(self) -> dict[str, Any]:
         return run_header(
-            self.settings, self.stream, self.channels, self.byte_depth, self.date, self.run_id
+            self.settings, self.stream, self.channels, self.byte_depth, self.started, self.run_id
         )
 
     def _file_header(self, index: int, first_counter: int) -> dict[str, Any]:
-        return {**self.header, "file_index": index, "first_counter": first_counter}
+        name = dig_name(self.date, index)
+        return {
+            **self.header,
+            "filename": name,
+            "file_index": index,
+            "first_counter": first_counter,
+        }
+
+    def _file_closed(self, f: RunFile) -> None:
+        """Tell the catalog of each file as it closes (it may deliver it at once)."""
+        if not hasattr(self.catalog, "run_updated"):
+            return
+        with self._report_lock:
+            if self.record is not None:
+                return  # the final record has all the files
+            self._closed_files.append(f)  # one closing thread: in order
+            record = self._record("running")
+            record.files = list(self._closed_files)
+            self._catalog_call("run_updated", record)
 
     def _record(self, state: str) -> RunRecord:
         writer = self._writer
@@ -599,8 +636,9 @@ class Run:
                 self.directory.rmdir()
         if error and not self.fault:
             self.fault, self.record_state = error, "fault"
-        self.record = self._record(self.record_state)
-        self._catalog_call("run_finished", self.record)
+        with self._report_lock:
+            self.record = self._record(self.record_state)
+            self._catalog_call("run_finished", self.record)
         log.info(
             "run %s %s: %d samples, %d bytes in %d files%s",
             self.run_id,

@@ -89,7 +89,7 @@ def archive_shot(
     started = info.started or time.time()
     date = file_date(started)
     byte_depth = stream.word_size
-    header: dict[str, Any] = run_header(settings, stream, chosen, byte_depth, date, run_id)
+    header: dict[str, Any] = run_header(settings, stream, chosen, byte_depth, started, run_id)
     rows = _rows(channels, received, chosen, info)
     header.update(
         pre=info.pre,
@@ -116,7 +116,7 @@ def archive_shot(
     if settings.save_files and channels is not None and rows > 0:
         try:
             files.append(
-                _write(channels, chosen, rows, data_dir, header, info.first_counter, opener)
+                _write(channels, chosen, rows, data_dir, header, date, info.first_counter, opener)
             )
         except OSError as exc:
             fault = fault or f"writing shot {info.shot}: {exc.strerror or exc}"
@@ -160,15 +160,17 @@ def _write(
     rows: int,
     data_dir: Path,
     header: dict[str, Any],
+    date: str,
     first_counter: int | None,
     opener: Opener | None,
 ) -> RunFile:
     directory = safe_path(data_dir, header["card"], header["run_id"])
     directory.mkdir(parents=True, exist_ok=False)
-    path = directory / dig_name(header["date"], 0)
+    name = dig_name(date, 0)
+    path = directory / name
     everything = chosen == tuple(range(channels.shape[0]))
     with DigWriter(
-        path, {**header, "file_index": 0, "first_counter": first_counter}, opener
+        path, {**header, "filename": name, "file_index": 0, "first_counter": first_counter}, opener
     ) as dig:
         for start in range(0, rows, BLOCK_SAMPLES):
             stop = min(rows, start + BLOCK_SAMPLES)

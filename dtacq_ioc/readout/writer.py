@@ -136,8 +136,10 @@ class RunWriter:
         pool: BufferPool,
         opener: Opener | None = None,
         on_error: Callable[[str], None] | None = None,
+        on_file: Callable[[RunFile], None] | None = None,
     ):
         self.directory = directory
+        self.on_file = on_file  # each file once closed (on the closing thread)
         self.date = date
         self.header_for = header_for
         self.pool = pool
@@ -229,7 +231,17 @@ class RunWriter:
     def _close(self) -> None:
         dig, self._dig = self._dig, None
         if dig is not None:
-            self._closing.append(self._closer.submit(dig.close))
+            future = self._closer.submit(dig.close)
+            if self.on_file is not None:
+                future.add_done_callback(self._file_closed)
+            self._closing.append(future)
+
+    def _file_closed(self, future: Future[RunFile]) -> None:
+        if future.exception() is None and self.on_file is not None:
+            try:
+                self.on_file(future.result())
+            except Exception:
+                log.exception("file-closed callback failed")
 
     def _collect(self) -> None:
         """The closed files, in order, once their fsync is done (raises what close raised)."""
