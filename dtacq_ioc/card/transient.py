@@ -470,6 +470,14 @@ class Transient:
         arming ends it on the card."""
         mon = self.monitor
         self.start_monitor(timeout)
+        if mon.status is not None and mon.status.state != ShotState.IDLE:
+            # A state left over (a stream just closed, an old shot): from IDLE, the next
+            # ARM line is surely this shot's.
+            self.abort()
+            if not mon.wait_for(
+                lambda: mon.status is not None and mon.status.state == ShotState.IDLE, timeout
+            ):
+                raise ShotError(self.name, f"{self.name}: not IDLE within {timeout:g} s to arm")
         arms, ends, drops = mon.counts()
         self._marks = (ends, drops)
         self.card.knob(SYSTEM_SITE).set("set_arm", 1)
