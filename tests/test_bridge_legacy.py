@@ -165,6 +165,9 @@ def test_the_old_page_runs_the_card(ioc):
                     firsts = [b.data[0].tobytes() for b in buffers]
                     assert len(set(firsts)) == len(firsts), "a new buffer on every data reply"
                     assert all(b.data[0].size == b.data[5].size > 0 for b in buffers)
+                    # Whole run buffers (RUN:BUFFER): the words asked for, in whole samples
+                    # of 16 channels and 2 spad words (4 of 16 bits), per channel.
+                    assert all(b.data[0].size == -(-words // 20) for b in buffers)
                 doc = await page.wait_event("DocUpload")
                 upload = await page.wait_event("FileUpload")
                 done = await page.wait_event("JobFinished")

@@ -124,9 +124,18 @@ class Update:
 
 def sample_bytes(sites: list[SiteLayout]) -> int:
     """Bytes of one sample of these sites, as the card's StreamLayout counts them (ssb)."""
-    word = max(s.spec.word_size for s in sites)
-    layout = StreamLayout(tuple(s.site for s in sites), tuple(s.spec.nchan for s in sites), word)
+    sites_nchan = tuple(s.spec.nchan for s in sites)
+    layout = StreamLayout(tuple(s.site for s in sites), sites_nchan, buffer_word(sites))
     return layout.sample_bytes
+
+
+def buffer_word(sites: list[SiteLayout]) -> int:
+    """Bytes per AI word of the aggregated stream (one size for every site)."""
+    return max(s.spec.word_size for s in sites)
+
+
+def buffer_type(sites: list[SiteLayout]) -> ChannelType:
+    return ChannelType.INT if buffer_word(sites) == 2 else ChannelType.LONG
 
 
 def _card_pvs(card: CardConfig, sites: list[SiteLayout], h: Handlers) -> dict:
@@ -140,6 +149,10 @@ def _card_pvs(card: CardConfig, sites: list[SiteLayout], h: Handlers) -> dict:
     p = pvs
     return {
         **_run_pvs(h.runs),
+        # The old protocol's readBuffer hands out whole run buffers: the newest, as sent.
+        "RUN:BUFFER": p.waveform("RUN:BUFFER", "Latest run buffer, AI words",
+                                 buffer_type(sites), max_buffer // buffer_word(sites),
+                                 alarm_group=LINK),
         **_stream_pvs(h.actions),
         **_shot_pvs(h.shots, h.shot_settings),
         "STATE": p.enum("STATE", "Card state", CARD_STATES),

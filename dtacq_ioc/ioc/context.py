@@ -55,6 +55,7 @@ class ReadoutLike(Protocol):
     display: Any
     channel_map: ChannelMap | None
     sample_rate_hz: float
+    buffer_tap: Callable[[Any], None] | None
 
     def start(self, sites: tuple[int, ...], buffer_samples: int) -> None: ...
     def stop(self, timeout: float = ..., reason: str = ...) -> None: ...

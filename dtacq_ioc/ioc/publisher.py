@@ -95,6 +95,8 @@ class Publisher:
         self._derived = derived_pvs(ctx.sites)
         self._holds: dict[str, int] = {}  # derived PV suffix -> seq of the frame it shows
         self._refreshing = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._run_buffer: np.ndarray | None = None  # the newest run buffer not yet published
         for item in self._derived:
             pvs.pv(item.suffix).refresher = partial(self._refresh, item)
 
@@ -116,7 +118,30 @@ class Publisher:
                 log.exception("%s: publishing PVs failed", self.ctx.name)
             await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
 
+    def _tap_run_buffers(self) -> None:
+        """Copy run buffers for RUN:BUFFER only while a client watches it."""
+        self._loop = asyncio.get_running_loop()
+        watched = self.pvs.pv("RUN:BUFFER").watched
+        self.ctx.readout.buffer_tap = self._take_buffer if watched else None
+
+    def _take_buffer(self, ai: np.ndarray) -> None:
+        """On the stream thread: keep a copy of the newest buffer; the loop publishes it."""
+        copy = np.ascontiguousarray(ai).reshape(-1)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._buffer_arrived, copy)
+
+    def _buffer_arrived(self, words: np.ndarray) -> None:
+        pending, self._run_buffer = self._run_buffer, words
+        if pending is None:  # a publish is not yet scheduled: one for the newest
+            asyncio.get_running_loop().create_task(self._publish_run_buffer())
+
+    async def _publish_run_buffer(self) -> None:
+        words, self._run_buffer = self._run_buffer, None
+        if words is not None:
+            await self.pvs.publish(Update(values={"RUN:BUFFER": words}))
+
     async def publish_once(self) -> None:
+        self._tap_run_buffers()
         ctx = self.ctx
         connected = ctx.connected and self.link.state != "DISCONNECTED"
         state = "RUNNING" if ctx.run_active() and connected else self.link.state

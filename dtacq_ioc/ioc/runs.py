@@ -15,7 +15,10 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
+import numpy as np
+
 from dtacq_ioc.contract import ACTION, NO_YES
+from dtacq_ioc.ioc.cardgroup import Update, buffer_word
 from dtacq_ioc.ioc.context import CardContext
 from dtacq_ioc.ioc.pvs import Handler, PutRefused, text_value
 from dtacq_ioc.readout.run import RunSettings, SettingsError
@@ -175,6 +178,9 @@ class RunControl:
             await self.ctx.run_on_card("run not started", start)
         except (SettingsError, TriggerError) as exc:
             raise self.ctx.refuse(f"run not started: {exc}") from None
+        # No buffer of an earlier run may be taken for one of this run.
+        empty = np.zeros(0, dtype=np.int16 if buffer_word(self.ctx.sites) == 2 else np.int32)
+        await self.ctx.publish(Update(values={"RUN:BUFFER": empty}))
         return ACTION[0]
 
     async def stop(self, value: Any) -> str:

@@ -52,6 +52,7 @@ IOC_FIELDS = ("UPTIME", "VERSION", "CARDS", "CARDS_CONNECTED", "RUNS_SPOOLED", "
 
 _OK = (AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)
 _MINOR = (AlarmStatus.STATE, AlarmSeverity.MINOR_ALARM)
+_MAJOR = (AlarmStatus.STATE, AlarmSeverity.MAJOR_ALARM)
 
 
 class StatusGroup(pvs.CheckedGroup):
@@ -107,6 +108,7 @@ class IocStatus:
         self._last_error = next((e for e in self._card_errors.values() if e), "")
         self._last_status = ""
         self._alarm: tuple[AlarmStatus, AlarmSeverity] | None = None
+        self._delivery = ""
 
     def pv(self, suffix: str):
         return self.pvdb[self.config.ioc.prefix + suffix]
@@ -167,7 +169,20 @@ class IocStatus:
         if alarm != self._alarm:
             self._alarm = alarm
             await self.pv("CARDS_CONNECTED").write_metadata(status=alarm[0], severity=alarm[1])
+        await self._delivery_alarm()
         self._notify_status(connected, spooled)
+
+    async def _delivery_alarm(self) -> None:
+        """RUNS_SPOOLED goes MAJOR, LAST_ERROR names run, file and the database's answer,
+        while the database keeps refusing a file."""
+        text = str(getattr(self.catalog, "delivery_alarm", "") or "")
+        if text == self._delivery:
+            return
+        self._delivery = text
+        alarm = _MAJOR if text else _OK
+        await self.pv("RUNS_SPOOLED").write_metadata(status=alarm[0], severity=alarm[1])
+        if text:
+            log.error("%s", text)  # the newest error: LAST_ERROR shows it
 
     def _notify_status(self, connected: int, spooled: int) -> None:
         text = f"{connected}/{len(self.controllers)} cards connected, {spooled} runs spooled"

@@ -117,6 +117,9 @@ class Readout:
         self.sample_rate_hz = 0.0
         self.gains: dict[int, list[int]] = {}
         self.run: Run | None = None
+        # Called on the stream thread with each run buffer's AI words (a view of a pool
+        # buffer: copy to keep). Set by whoever shows run buffers, only while it does.
+        self.buffer_tap: Callable[[np.ndarray], None] | None = None
         self._stream: StreamClient | None = None
         self._generation = 0
         self._check = CounterCheck(name=card.name)
@@ -211,6 +214,9 @@ class Readout:
         run = self.run
         if run is not None and run.active:
             run.feed(samples, gaps)
+            tap = self.buffer_tap
+            if tap is not None:
+                tap(samples["ai"])
         elif gaps:
             self._alarm(f"{self.card.name}: {len(gaps)} counter jumps in the stream")
 
