@@ -21,7 +21,7 @@ from dtacq_ioc.card.models import MODULES
 from dtacq_ioc.config import ArchiveConfig
 from dtacq_ioc.contract import StreamLayout
 from dtacq_ioc.readout.integrity import CounterCheck
-from dtacq_ioc.readout.run import Run, RunSettings, RunState, SettingsError, StreamInfo
+from dtacq_ioc.readout.run import Run, RunSettings, RunState, SettingsError, StreamInfo, file_header
 from dtacq_ioc.readout.transform import ChannelMap, SiteChannels
 from dtacq_ioc.readout.triggers import TriggerError, TriggerRegistry
 
@@ -199,7 +199,7 @@ def test_a_stuck_disk_costs_counted_overruns_never_the_stream(tmp_path, catalog)
     assert run.overruns == 3 and alarms == [f"run {run.run_id}: writer overrun (1)"]
     gate.set()
     deadline = time.monotonic() + 30
-    while run._writer.pool.free < 2:  # the writer catches up
+    while run.output.writer.pool.free < 2:  # the writer catches up
         assert time.monotonic() < deadline
         time.sleep(0.01)
     sent.append(f.feed(run))
@@ -257,7 +257,7 @@ class FullFile:
 
 def test_a_disk_that_fills_mid_run_leaves_files_that_match_the_record(tmp_path, catalog):
     probe = make_run(tmp_path, catalog)
-    header = len(encode_header(probe._file_header(0, 1)))  # the same length for every run
+    header = len(encode_header(file_header(probe.header, probe.date, 0, 1)))  # same for every run
     finish(probe)
     disk = Disk(header + 250 * 8 + 3)  # the third buffer's write is cut short
     run = make_run(tmp_path, catalog, opener=disk.open)
@@ -398,4 +398,4 @@ def test_a_state_callback_may_stop_the_run(tmp_path, catalog):
     run = make_run(tmp_path, catalog, on_state=on_state)
     Feeder().feed(run)
     assert run.wait(30) and run.state is RunState.IDLE
-    assert run.samples_written == 0 and run.overruns == 0
+    assert run.output.samples_written == 0 and run.overruns == 0

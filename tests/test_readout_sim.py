@@ -198,7 +198,7 @@ def test_acq437_downsampled_run_and_stream_reopening(setup437):
     codes = (words >> 8).reshape(rows, 16, -1).mean(axis=1)
     np.testing.assert_array_equal(chans[1], codes[:, 1])
     np.testing.assert_array_equal(chans[4], codes[:, 4])
-    assert run.samples_written == round(readout.sample_rate_hz)
+    assert run.output.samples_written == round(readout.sample_rate_hz)
     assert catalog.get_run(run.run_id).header["bit_shift"] == 0
     # a refused run leaves the stream as it was
     with pytest.raises(SettingsError, match="unknown channel 16"):

@@ -186,15 +186,7 @@ class Readout:
     def _calibrate(self) -> None:
         """Gains and sample rate from the card: volts for the display and the run headers."""
         assert self.layout is not None
-        sites = []
-        gains: dict[int, list[int]] = {}
-        for site, nchan in zip(self.layout.sites, self.layout.nchan, strict=True):
-            info = self.card.site_info(site)
-            codes = self.card.gains(site) if info.spec.gain_codes else []
-            gains[site] = codes
-            sites.append(SiteChannels(site, info.spec, nchan, self.layout.word_size, tuple(codes)))
-        self.gains = gains
-        self.channel_map = ChannelMap(sites)
+        self.gains, self.channel_map = calibration(self.card, self.layout)
         self.sample_rate_hz = self.card.sample_rate_hz()
 
     def refresh_calibration(self) -> None:
@@ -347,3 +339,15 @@ class Readout:
 def _layout_bytes(card: Any, sites: tuple[int, ...]) -> int:
     infos = [card.site_info(s) for s in sites]
     return StreamLayout(sites, tuple(i.nchan for i in infos), infos[0].word_size).sample_bytes
+
+
+def calibration(card: Any, layout: StreamLayout) -> tuple[dict[int, list[int]], ChannelMap]:
+    """The card's gains per site and the channel map they give (shifts, volts per code)."""
+    sites = []
+    gains: dict[int, list[int]] = {}
+    for site, nchan in zip(layout.sites, layout.nchan, strict=True):
+        info = card.site_info(site)
+        codes = card.gains(site) if info.spec.gain_codes else []
+        gains[site] = codes
+        sites.append(SiteChannels(site, info.spec, nchan, layout.word_size, tuple(codes)))
+    return gains, ChannelMap(sites)

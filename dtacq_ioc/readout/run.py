@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,10 @@ from dtacq_ioc.archive.dig import (
 )
 from dtacq_ioc.archive.records import RunFile, RunRecord
 from dtacq_ioc.readout.guarded import call_guarded
-from dtacq_ioc.readout.integrity import COUNTER_MODULUS, Gap
-from dtacq_ioc.readout.transform import ChannelMap, Downsampler
+from dtacq_ioc.readout.integrity import Gap
+from dtacq_ioc.readout.output import RunOutput
+from dtacq_ioc.readout.report import RunReport
+from dtacq_ioc.readout.transform import ChannelMap
 from dtacq_ioc.readout.triggers import (
     End,
     EndReadoutNow,
@@ -46,7 +49,7 @@ from dtacq_ioc.readout.triggers import (
     check_args,
     normalise,
 )
-from dtacq_ioc.readout.writer import BufferPool, Chunk, RunWriter
+from dtacq_ioc.readout.writer import BufferPool, RunWriter
 
 log = logging.getLogger(__name__)
 
@@ -218,17 +221,20 @@ class ChannelView(Mapping[int, np.ndarray]):
         return self._map.nchan
 
 
-def tell_catalog(catalog: Any, method: str, record: RunRecord) -> None:
-    """catalog.<method>(record), logging a failure (the catalog spools what it can't deliver,
-    so a failure here is a bug to see, not a reason to lose the run)."""
-    try:
-        getattr(catalog, method)(record)
-    except Exception:
-        log.exception("run %s: catalog %s failed", record.run_id, method)
-
-
 def new_run_id() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+
+def file_header(
+    header: dict[str, Any], date: str, index: int, first_counter: int | None
+) -> dict[str, Any]:
+    """One file's header: the run's, with the file's name, index and first counter."""
+    return {
+        **header,
+        "filename": dig_name(date, index),
+        "file_index": index,
+        "first_counter": first_counter,
+    }
 
 
 def run_header(
@@ -308,127 +314,57 @@ class Run:
         self.on_state = on_state
         self.on_alarm = on_alarm
         self.channels = settings.channels(stream.channel_map.nchan)
-        self.trigger_name = settings.trigger
         self.trigger = trigger  # built once, from settings.trigger and its arguments
         cmap = stream.channel_map
-        self._all_channels = self.channels == tuple(range(cmap.nchan))
-        self._idx = np.array(self.channels, dtype=np.intp)
         self.downsample = settings.downsample
-        self.is_float = self.downsample > 1
-        self.byte_depth = 8 if self.is_float else stream.word_size
-        self.out_dtype = np.dtype("<f8") if self.is_float else np.dtype(f"<i{stream.word_size}")
-        self.row_bytes = len(self.channels) * self.byte_depth
-        self.trigger.setup(
-            TriggerContext(
-                sample_rate_hz=stream.sample_rate_hz,
-                channels=tuple(range(cmap.nchan)),
-                channel_list=self.channels,
-                downsample=self.downsample,
-                bytes_per_output_sample=self.row_bytes,
-                volts_per_code={c: float(cmap.volts_per_code[c]) for c in range(cmap.nchan)},
-            )
+        self.output = RunOutput(
+            self.channels, cmap, self.downsample, stream.word_size, self._overrun
         )
+        trigger.setup(trigger_context(stream, self.channels, self.downsample, self.output))
         self.run_id = new_run_id()
         self.started = time.time()
         self.stopped: float | None = None
         self.date = file_date(self.started)
         self.directory = safe_path(data_dir, stream.card, self.run_id)
-        self.header = self._header()
+        self.header = run_header(
+            settings, stream, self.channels, self.output.byte_depth, self.started, self.run_id
+        )
         self.state = RunState.STARTING
         self.fault = ""
         self.record_state = "complete"
         self.samples_received = 0  # samples the stream brought while running
-        self.samples_written = 0  # raw samples selected for the files (some may be lost)
         self.counter_errors = 0
-        self.overruns = 0
         self.files: list[RunFile] = []
-        self._closed_files: list[RunFile] = []
-        # A file-closed report must never follow the final record (it would say "running").
-        self._report_lock = threading.Lock()
-        self.record: RunRecord | None = None
-        self._new_file = False
+        self.report = RunReport(catalog, partial(run_record, self))
         # Re-entrant: a state callback on the socket thread may stop the run.
         self._lock = threading.RLock()
         self._done = threading.Event()
-        self._downsampler = (
-            Downsampler(self.downsample, len(self.channels)) if self.is_float else None
+        self._start(data_dir, queue_buffers, opener)
+
+    def _start(self, data_dir: Path, queue_buffers: int, opener: Opener | None) -> None:
+        """Room checked, directory made, the catalog told, the writer opened; a run that
+        cannot start leaves nothing behind (OSError in words)."""
+        save = self.settings.save_files
+        pool_bytes = max(
+            1, (self.stream.buffer_samples // self.downsample + 1) * self.output.row_bytes
         )
-        self._writer: RunWriter | None = None
-        pool_bytes = max(1, (stream.buffer_samples // self.downsample + 1) * self.row_bytes)
-        if settings.save_files:
+        if save:
             _check_room(data_dir, pool_bytes + MIN_FREE_BYTES)
             self.directory.mkdir(parents=True, exist_ok=False)
         try:
-            self.catalog.run_started(self._record("running"))
-        except Exception as exc:
-            # A run the catalog cannot record is not started: nothing of it is left behind.
-            if settings.save_files:
+            self.report.started()
+        except OSError:
+            if save:
                 with contextlib.suppress(OSError):
                     self.directory.rmdir()
-            log.warning("run %s not started: the catalog failed: %s", self.run_id, exc)
-            raise OSError(f"the catalog cannot record a run: {exc}") from None
-        if settings.save_files:
+            raise
+        if save:
             pool = BufferPool(queue_buffers, pool_bytes)
-            self._writer = RunWriter(
-                self.directory,
-                self.date,
-                self._file_header,
-                pool,
-                opener,
-                self._writer_failed,
-                self._file_closed,
-            )
-
-    # -- header and record --------------------------------------------------------------
-
-    def _header(self) -> dict[str, Any]:
-        return run_header(
-            self.settings, self.stream, self.channels, self.byte_depth, self.started, self.run_id
-        )
-
-    def _file_header(self, index: int, first_counter: int) -> dict[str, Any]:
-        name = dig_name(self.date, index)
-        return {
-            **self.header,
-            "filename": name,
-            "file_index": index,
-            "first_counter": first_counter,
-        }
-
-    def _file_closed(self, f: RunFile) -> None:
-        """Tell the catalog of each file as it closes (it may deliver it at once)."""
-        if not hasattr(self.catalog, "run_updated"):
-            return
-        with self._report_lock:
-            if self.record is not None:
-                return  # the final record has all the files
-            self._closed_files.append(f)  # one closing thread: in order
-            record = self._record("running")
-            record.files = list(self._closed_files)
-            self._catalog_call("run_updated", record)
-
-    def _record(self, state: str) -> RunRecord:
-        writer = self._writer
-        return RunRecord(
-            run_id=self.run_id,
-            card=self.stream.card,
-            host=self.stream.host,
-            measurement_name=self.header["measurement_name"],
-            log=self.settings.log,
-            # The file header has logitems at top level (the old layout); the catalog
-            # also wants them by name, to put them at the top of the measurement document.
-            header={**self.header, "logitems": dict(self.settings.logitems)},
-            files=list(self.files),
-            started=self.started,
-            stopped=self.stopped,
-            samples=self.samples,
-            bytes_written=writer.bytes_written if writer else 0,
-            state=state,
-            counter_errors=self.counter_errors,
-            overruns=self.overruns,
-            fault=self.fault,
-            upload=self.settings.upload,
-        )
+            headers = partial(file_header, self.header, self.date)
+            self.output.writer = RunWriter(
+                self.directory, self.date, headers, pool, opener,
+                self._writer_failed, self.report.file_closed,
+            )  # fmt: skip
 
     # -- state --------------------------------------------------------------------------
 
@@ -442,19 +378,25 @@ class Run:
 
     @property
     def samples(self) -> int:
-        """Samples in the run's files: what reading them gives (times `downsample`, as each
-        downsampled row stands for that many). A run without files counts those selected."""
-        if self._writer is None:
-            return self.samples_written
-        return self._writer.rows_written * self.downsample
+        """Samples in the run's files, as reading them gives (see RunOutput.samples)."""
+        return self.output.samples
+
+    @property
+    def record(self) -> RunRecord | None:
+        """The final record, once the run is done."""
+        return self.report.record
+
+    @property
+    def overruns(self) -> int:
+        return self.output.overruns
 
     @property
     def bytes_written(self) -> int:
-        return self._writer.bytes_written if self._writer else 0
+        return self.output.bytes_written
 
     @property
     def current_file(self) -> str:
-        return self._writer.current_file if self._writer else ""
+        return self.output.current_file
 
     @property
     def elapsed_s(self) -> float:
@@ -472,9 +414,6 @@ class Run:
     def _alarm(self, message: str) -> None:
         call_guarded(self.on_alarm, message, what=f"run {self.run_id}: alarm")
 
-    def _catalog_call(self, method: str, record: RunRecord) -> None:
-        tell_catalog(self.catalog, method, record)
-
     # -- the socket thread --------------------------------------------------------------
 
     def feed(self, samples: np.ndarray, gaps: list[Gap]) -> None:
@@ -490,28 +429,17 @@ class Run:
             self.samples_received += n
             ai = samples["ai"]
             counter = samples["spad"][:, 0]
-            end_reason = ""
-            if gaps:
-                self.counter_errors += len(gaps)
-                first = gaps[0]
-                at = self.samples_received - n + first.position
-                message = (
-                    f"counter jump at sample {at} of the run: "
-                    f"expected {first.expected}, got {first.got}"
-                )
-                self._alarm(f"run {self.run_id}: {message}")
-                if self.policy == "stop":
-                    # The old behaviour: keep the good samples before the jump, then end.
-                    n = first.position
-                    ai, counter = ai[:n], counter[:n]
-                    end_reason = message
+            end_reason = self._counter_jumps(gaps, n) if gaps else ""
+            if end_reason:  # the old behaviour: keep the good samples before the jump, then end
+                n = gaps[0].position
+                ai, counter = ai[:n], counter[:n]
             actions = self._actions(ai, n) if n else []
             ending = False
             for action in actions:
                 if isinstance(action, Write):
                     self._write(ai[action.start : action.end], int(counter[action.start]))
                 elif isinstance(action, Rotate):
-                    self._new_file = True
+                    self.output.new_file = True
                 elif isinstance(action, End):
                     ending = True
                     break
@@ -520,76 +448,37 @@ class Run:
             elif ending:
                 self._end_locked("", "complete")
 
+    def _counter_jumps(self, gaps: list[Gap], n: int) -> str:
+        """Count and report the buffer's jumps; the reason to end the run, if it must."""
+        self.counter_errors += len(gaps)
+        first = gaps[0]
+        at = self.samples_received - n + first.position
+        message = (
+            f"counter jump at sample {at} of the run: expected {first.expected}, got {first.got}"
+        )
+        self._alarm(f"run {self.run_id}: {message}")
+        return message if self.policy == "stop" else ""
+
     def _actions(self, ai: np.ndarray, n: int) -> list[Any]:
         try:
             return normalise(self.trigger.trigger(ChannelView(ai, self.stream.channel_map)), n)
         except EndReadoutNow:
             return [End()]
         except Exception as exc:
-            log.exception("run %s: trigger %s failed", self.run_id, self.trigger_name)
-            reason = f"trigger {self.trigger_name} failed: {type(exc).__name__}: {exc}"
+            log.exception("run %s: trigger %s failed", self.run_id, self.settings.trigger)
+            reason = f"trigger {self.settings.trigger} failed: {type(exc).__name__}: {exc}"
             self._end_locked(reason.splitlines()[0], "fault")
             return []
 
     def _write(self, block: np.ndarray, first_counter: int) -> None:
-        if not self.active:  # a callback stopped the run during this buffer
-            return
-        rows = len(block)
-        if self._writer is None:
-            self.samples_written += rows
-            return
-        if self._downsampler is not None:
-            held = self._downsampler.held
-            codes = self.stream.channel_map.shift(block[:, self._idx], self._idx)
-            out = self._downsampler(codes)
-            first_counter = (first_counter - held) % COUNTER_MODULUS
-            done = self._submit(out, first_counter)
-            self.samples_written += rows if done == len(out) else done * self.downsample
-        else:
-            idx = None if self._all_channels else self._idx
-            self.samples_written += self._submit(block, first_counter, idx)
+        if self.active:  # a callback may have stopped the run during this buffer
+            self.output.write(block, first_counter)
 
-    def _submit(self, rows: np.ndarray, first_counter: int, idx: np.ndarray | None = None) -> int:
-        """Copy rows (selecting columns `idx`) into pool buffers and queue them.
-
-        Returns the rows queued; the rest are lost to an overrun.
-        """
-        assert self._writer is not None
-        per_buf = self._writer.pool.nbytes // self.row_bytes
-        start = 0
-        while start < len(rows):
-            buf = self._writer.acquire()
-            if buf is None:
-                self._overrun(len(rows) - start)
-                break
-            take = min(per_buf, len(rows) - start)
-            dest = buf[: take * self.row_bytes].view(self.out_dtype).reshape(take, -1)
-            part = rows[start : start + take]
-            if idx is None:
-                np.copyto(dest, part, casting="no")
-            else:
-                np.take(part, idx, axis=1, out=dest, mode="clip")
-            self._writer.submit(Chunk(buf, take * self.row_bytes, self._new_file, first_counter))
-            self._new_file = False
-            start += take
-            first_counter = (first_counter + take * self.downsample) % COUNTER_MODULUS
-        return start
-
-    def _overrun(self, rows: int) -> None:
-        self.overruns += 1
-        # The next data starts a new file, so every file stays one unbroken stretch.
-        self._new_file = True
-        if self._downsampler is not None:
-            self._downsampler.reset()
-        # A slow disk overruns every buffer: report the first and then every 100th.
-        if self.overruns == 1 or self.overruns % 100 == 0:
-            log.warning(
-                "run %s: writer behind, %d rows dropped (overruns: %d)",
-                self.run_id,
-                rows,
-                self.overruns,
-            )
-            self._alarm(f"run {self.run_id}: writer overrun ({self.overruns})")
+    def _overrun(self, rows: int, overruns: int) -> None:
+        log.warning(
+            "run %s: writer behind, %d rows dropped (overruns: %d)", self.run_id, rows, overruns
+        )
+        self._alarm(f"run {self.run_id}: writer overrun ({overruns})")
 
     # -- ending ---------------------------------------------------------------------------
 
@@ -620,8 +509,8 @@ class Run:
             log.error("run %s ends: %s", self.run_id, fault)
             self._alarm(f"run {self.run_id}: {fault}")
         self._set_state(RunState.STOPPING)
-        if self._writer is not None:
-            self._writer.finish(self._finished)
+        if self.output.writer is not None:
+            self.output.writer.finish(self._finished)
         else:
             # Nothing to write: finish on a thread of its own, the catalog may be slow.
             threading.Thread(
@@ -630,21 +519,19 @@ class Run:
 
     def _finished(self, files: list[RunFile], error: str) -> None:
         self.files = files
-        if not files and self._writer is not None:
+        if not files and self.output.writer is not None:
             # Nothing was written (stopped at once, or the disk was full): no empty directory.
             with contextlib.suppress(OSError):
                 self.directory.rmdir()
         if error and not self.fault:
             self.fault, self.record_state = error, "fault"
-        with self._report_lock:
-            self.record = self._record(self.record_state)
-            self._catalog_call("run_finished", self.record)
+        record = self.report.finished(self.record_state)
         log.info(
             "run %s %s: %d samples, %d bytes in %d files%s",
             self.run_id,
             self.record_state,
-            self.record.samples,
-            self.record.bytes_written,
+            record.samples,
+            record.bytes_written,
             len(files),
             f" ({self.fault})" if self.fault else "",
         )
@@ -653,17 +540,61 @@ class Run:
 
     def status(self) -> dict[str, Any]:
         """Counters for PVs and clients."""
-        return {
-            "run_id": self.run_id,
-            "state": self.state.value,
-            "fault": self.fault,
-            "samples": self.samples,  # in the files, so readbacks agree with them and the catalog
-            "samples_received": self.samples_received,
-            "samples_written": self.samples_written,
-            "bytes_written": self.bytes_written,
-            "current_file": self.current_file,
-            "files": len(self.files),
-            "counter_errors": self.counter_errors,
-            "overruns": self.overruns,
-            "elapsed_s": self.elapsed_s,
-        }
+        return run_status(self)
+
+
+def trigger_context(
+    stream: StreamInfo, channels: tuple[int, ...], downsample: int, output: RunOutput
+) -> TriggerContext:
+    """What a run's trigger is told of the stream at setup."""
+    cmap = stream.channel_map
+    return TriggerContext(
+        sample_rate_hz=stream.sample_rate_hz,
+        channels=tuple(range(cmap.nchan)),
+        channel_list=channels,
+        downsample=downsample,
+        bytes_per_output_sample=output.row_bytes,
+        volts_per_code={c: float(v) for c, v in enumerate(cmap.volts_per_code)},
+    )
+
+
+def run_record(run: Run, state: str) -> RunRecord:
+    """The catalog's record of a run as it is now."""
+    return RunRecord(
+        run_id=run.run_id,
+        card=run.stream.card,
+        host=run.stream.host,
+        measurement_name=run.header["measurement_name"],
+        log=run.settings.log,
+        # The file header has logitems at top level (the old layout); the catalog
+        # also wants them by name, to put them at the top of the measurement document.
+        header={**run.header, "logitems": dict(run.settings.logitems)},
+        files=list(run.files),
+        started=run.started,
+        stopped=run.stopped,
+        samples=run.samples,
+        bytes_written=run.bytes_written,
+        state=state,
+        counter_errors=run.counter_errors,
+        overruns=run.overruns,
+        fault=run.fault,
+        upload=run.settings.upload,
+    )
+
+
+def run_status(run: Run) -> dict[str, Any]:
+    """A run's counters for PVs and clients."""
+    return {
+        "run_id": run.run_id,
+        "state": run.state.value,
+        "fault": run.fault,
+        "samples": run.samples,  # in the files, so readbacks agree with them and the catalog
+        "samples_received": run.samples_received,
+        "samples_written": run.output.samples_written,
+        "bytes_written": run.bytes_written,
+        "current_file": run.current_file,
+        "files": len(run.files),
+        "counter_errors": run.counter_errors,
+        "overruns": run.overruns,
+        "elapsed_s": run.elapsed_s,
+    }

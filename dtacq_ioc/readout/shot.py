@@ -23,13 +23,14 @@ from dtacq_ioc.archive.catalog import Catalog
 from dtacq_ioc.archive.dig import DigWriter, Opener, dig_name, file_date, safe_path
 from dtacq_ioc.archive.records import RunFile, RunRecord
 from dtacq_ioc.card.transient import ShotData
+from dtacq_ioc.readout.report import tell_catalog
 from dtacq_ioc.readout.run import (
     RunSettings,
     SettingsError,
     StreamInfo,
+    file_header,
     new_run_id,
     run_header,
-    tell_catalog,
 )
 
 log = logging.getLogger(__name__)
@@ -74,30 +75,20 @@ def archive_shot(
     fault: str = "",
     opener: Opener | None = None,
 ) -> RunRecord:
-    """Write a shot's .dig file and record it; returns the final RunRecord.
-
-    `channels` is (AI channels, samples) of raw words, `received` the samples that
-    came per channel (None: all); None/empty data with a `fault` records a failed
-    shot without files. The file holds the settings' channel_list, sample-major, up
-    to the fewest samples any of them got.
-    """
+    """Write a shot's .dig file (the settings' channel_list, sample-major, up to the fewest
+    samples any channel got) and record it. `channels`: (AI channels, samples) of raw
+    words; `received`: samples per channel (None: all); no data and a `fault`: a failed
+    shot without files. Returns the final RunRecord."""
     settings.check()
-    if settings.downsample != 1:
+    if settings.downsample != 1:  # a shot is kept whole, at the card's rate
         raise SettingsError("shots are archived at the card's rate (downsample must be 1)")
     chosen = settings.channels(stream.channel_map.nchan)
     run_id = new_run_id()
     started = info.started or time.time()
     date = file_date(started)
     byte_depth = stream.word_size
-    header: dict[str, Any] = run_header(settings, stream, chosen, byte_depth, started, run_id)
+    header = _shot_header(settings, stream, chosen, info, started, run_id)
     rows = _rows(channels, received, chosen, info)
-    header.update(
-        pre=info.pre,
-        post=info.post,
-        shot=info.shot,
-        trigger=info.trigger,
-        trigger_index=info.pre,
-    )
     if rows < info.pre + info.post and not fault:
         fault = f"shot {info.shot}: {rows} of {info.pre + info.post} samples came"
     record = RunRecord(
@@ -129,15 +120,25 @@ def archive_shot(
     record.state = "fault" if fault else "complete"
     record.fault = fault
     tell_catalog(catalog, "run_finished", record)
-    log.info(
-        "run %s: shot %d %s, %d samples%s",
-        run_id,
-        info.shot,
-        record.state,
-        rows,
-        f" ({fault})" if fault else "",
-    )
+    why = f" ({fault})" if fault else ""
+    log.info("run %s: shot %d %s, %d samples%s", run_id, info.shot, record.state, rows, why)
     return record
+
+
+def _shot_header(
+    settings: RunSettings,
+    stream: StreamInfo,
+    chosen: tuple[int, ...],
+    info: ShotInfo,
+    started: float,
+    run_id: str,
+) -> dict[str, Any]:
+    """A streamed run's header, plus what the shot was and where its trigger is."""
+    header = run_header(settings, stream, chosen, stream.word_size, started, run_id)
+    header.update(
+        pre=info.pre, post=info.post, shot=info.shot, trigger=info.trigger, trigger_index=info.pre
+    )
+    return header
 
 
 def _rows(
@@ -166,11 +167,9 @@ def _write(
 ) -> RunFile:
     directory = safe_path(data_dir, header["card"], header["run_id"])
     directory.mkdir(parents=True, exist_ok=False)
-    name = dig_name(date, 0)
-    path = directory / name
     everything = chosen == tuple(range(channels.shape[0]))
     with DigWriter(
-        path, {**header, "filename": name, "file_index": 0, "first_counter": first_counter}, opener
+        directory / dig_name(date, 0), file_header(header, date, 0, first_counter), opener
     ) as dig:
         for start in range(0, rows, BLOCK_SAMPLES):
             stop = min(rows, start + BLOCK_SAMPLES)
