@@ -28,6 +28,7 @@ sim: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: $(STAMP) test-deps lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
