@@ -142,3 +142,38 @@ def test_ten_shots_with_auto_rearm_on_two_cards(tmp_path):
             assert all(r.samples == post for r in records)
             shots = [read_run([f.path for f in r.files])[0]["shot"] for r in records]
             assert shots == list(range(1, 11)), (card, shots)
+
+
+def test_cards_armed_together_take_one_shot_each_with_one_number(tmp_path):
+    hosts = (random_loopback(), random_loopback())
+    prefixes = (new_prefix(), new_prefix())
+    cards = "".join(
+        sim_card_toml(f"C{i + 1}", host, prefix=prefix)
+        for i, (host, prefix) in enumerate(zip(hosts, prefixes, strict=True))
+    )
+    config = write_config(tmp_path, cards)
+    ioc_prefix = "DTACQ:test:"
+    leader, follower = prefixes
+    with ioc_process(config, leader, hosts[0]) as ioc:
+        wait_for(lambda: get(follower + "CONNECTED") == 1, "the second card")
+        for p in prefixes:
+            put(p + "MODE", "TRANSIENT")
+            put(p + "MODE:TRANSIENT:POST", 2000)
+        # The leader takes a shot of its own first: the counters differ (1 and 0).
+        put(leader + "MODE:TRANSIENT:SOFT_TRIGGER", "Yes")
+        put(leader + "MODE:TRANSIENT:SET_ARM", 1)
+        wait_for(lambda: get(leader + "SHOT") == 1, "the leader's own shot")
+        put(leader + "MODE:TRANSIENT:SOFT_TRIGGER", "No")
+        put(follower + "MODE:TRANSIENT:TRIGGER", "d0 rising")  # waits for a front-panel edge
+        put(ioc_prefix + "SHOTS:ARM", 1)
+        wait_for(lambda: get(follower + "MODE:TRANS_ACT:STATE") == 1, "the follower armed")
+        wait_for(lambda: get(leader + "MODE:TRANS_ACT:STATE") == 1, "the leader armed")
+        # The simulated cards share no trigger wire: each gets its edge.
+        sim_knob(hosts[1], "SIM:EXT_TRIGGER", "0,1")
+        put(leader + "SIG:SOFT_TRIGGER", 1)
+        for p in prefixes:
+            wait_for(lambda p=p: get(p + "SHOT") == 2, f"{p} shot 2")
+        for card in ("C1", "C2"):
+            newest = max(runs(ioc.data_dir, card), key=lambda r: r.started)
+            header, _ = read_run([f.path for f in newest.files])
+            assert header["shot"] == 2 and newest.samples == 2000, (card, header["shot"])

@@ -18,6 +18,7 @@ from dtacq_ioc.ioc import caproto_adapter, pvs
 from dtacq_ioc.ioc.autosave import Autosave
 from dtacq_ioc.ioc.controller import CardController
 from dtacq_ioc.ioc.fanout import Fanout
+from dtacq_ioc.ioc.shotgroup import ShotGroup
 from dtacq_ioc.ioc.status import IocStatus, StatusSink
 from dtacq_ioc.readout.triggers import TriggerRegistry
 
@@ -61,7 +62,10 @@ class Ioc:
                            triggers, access)
             for card in config.cards
         ]  # fmt: skip
-        status = IocStatus(config, self.controllers, self.catalog, self.status_sink, self.fanout)
+        group = ShotGroup([c.shots for c in self.controllers])
+        status = IocStatus(
+            config, self.controllers, self.catalog, self.status_sink, self.fanout, group.arm
+        )
         self.pvdb = dict(status.pvdb)
         for c in self.controllers:
             c.pvs.group.fanout = self.fanout

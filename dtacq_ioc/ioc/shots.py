@@ -201,19 +201,40 @@ class ShotControl:
     # -- the shot loop ------------------------------------------------------------------
 
     async def arm(self, value: Any) -> str:
-        if value != ACTION[1]:
-            return ACTION[0]
-        if not self.transient:
-            raise self.ctx.refuse("MODE:TRANSIENT:SET_ARM: set MODE to TRANSIENT first")
-        if not self.ctx.connected:
-            raise self.ctx.refuse("MODE:TRANSIENT:SET_ARM: card not connected")
-        self.shot_settings.check_idle("MODE:TRANSIENT:SET_ARM")
-        self._loop = asyncio.get_running_loop()
-        await self._arm_once()  # a refusal to arm is the put's refusal
-        self._task = asyncio.create_task(self._shots(), name=f"shots-{self.ctx.name}")
+        if value == ACTION[1]:
+            await self.arm_shot("MODE:TRANSIENT:SET_ARM")
         return ACTION[0]
 
-    async def _arm_once(self) -> None:
+    def check_can_arm(self, what: str) -> None:
+        if not self.transient:
+            raise self.ctx.refuse(f"{what}: set MODE to TRANSIENT first")
+        if not self.ctx.connected:
+            raise self.ctx.refuse(f"{what}: card not connected")
+        self.shot_settings.check_idle(what)
+
+    async def arm_shot(self, what: str, after_shot: int | None = None) -> None:
+        """Arm (the shot loop follows it); `after_shot`: the card's counter is set first, so
+        this shot is number after_shot + 1 (cards armed together count alike)."""
+        self.check_can_arm(what)
+        self._loop = asyncio.get_running_loop()
+        await self._arm_once(after_shot)  # a refusal to arm is the put's refusal
+        self._task = asyncio.create_task(self._shots(), name=f"shots-{self.ctx.name}")
+
+    @property
+    def holds_trigger(self) -> bool:
+        """Fires its own shot (soft trigger): armed last when cards are armed together."""
+        return self.shot_settings.request.trigger.soft
+
+    async def shot_counter(self) -> int:
+        """The card's shot counter (its last shot's number)."""
+        driver = self._driver()
+
+        def read() -> int:
+            return int(driver.card.knob(0).query("shot").strip() or 0)
+
+        return int(await self.ctx.run_on_card("shot", read))
+
+    async def _arm_once(self, after_shot: int | None = None) -> None:
         settings, driver = self.shot_settings.request.settings(), self._driver()
         self._aborting = False
 
@@ -221,6 +242,8 @@ class ShotControl:
 
         def arm() -> None:
             driver.configure(settings)
+            if after_shot is not None:
+                driver.set_shot(after_shot)
             driver.arm(ARM_TIMEOUT_S)
             if self_trigger:
                 driver.soft_trigger()

@@ -94,13 +94,18 @@ class IocStatus:
         catalog: Any,
         notifier: StatusSink | None = None,
         fanout: Fanout | None = None,
+        shot_arm: pvs.Handler | None = None,
     ):
         self.config = config
         self.fanout = fanout
         self.controllers = list(controllers)
         self.catalog = catalog
         self.notifier = notifier
-        self.group = StatusGroup(prefix=config.ioc.prefix)
+        actions: dict[str, Any] = {}
+        if shot_arm is not None:  # every card in TRANSIENT mode armed at once (shotgroup.py)
+            actions["shots_arm"] = pvs.action("SHOTS:ARM", "Arm every transient card", shot_arm)
+        cls = type("IocStatusGroup", (StatusGroup,), actions)
+        self.group = cls(prefix=config.ioc.prefix)
         self.pvdb = self.group.pvdb
         self._started = time.monotonic()
         self._errors = _LatestError()
