@@ -35,9 +35,9 @@ def get(name: str):
 
 
 def text(name: str) -> str:
-    from ioc_support import castr
-
-    return castr(name)
+    """A text PV: a DBR_STRING or a CHAR array, as `caget -S` prints it."""
+    data = ca_read(name, data_type=ChannelType.STRING, timeout=10).data
+    return b"".join(data).decode() if isinstance(data[0], bytes) else str(data[0])
 
 
 def runs(data_dir, card: str):
@@ -177,3 +177,33 @@ def test_cards_armed_together_take_one_shot_each_with_one_number(tmp_path):
             newest = max(runs(ioc.data_dir, card), key=lambda r: r.started)
             header, _ = read_run([f.path for f in newest.files])
             assert header["shot"] == 2 and newest.samples == 2000, (card, header["shot"])
+
+
+def test_a_shot_reaches_the_experiments_database(pouchdb, tmp_path, loopback):
+    from test_faults import couch_archive, documents
+
+    prefix = new_prefix()
+    config = ioc_toml(
+        tmp_path, loopback, prefix, site_extra=SIGNALS, archive_extra=couch_archive(pouchdb)
+    )
+    post = 4000
+    with ioc_process(config, prefix, loopback) as ioc:
+        put(ioc.pv("MODE"), "TRANSIENT")
+        put(ioc.pv("MODE:TRANSIENT:POST"), post)
+        put(ioc.pv("MODE:TRANSIENT:SOFT_TRIGGER"), "Yes")
+        put(ioc.pv("RUN:NAME"), "a shot for the database")
+        put(ioc.pv("MODE:TRANSIENT:SET_ARM"), 1)
+        wait_for(lambda: get(ioc.pv("SHOT")) == 1, "shot 1 archived")
+        run_id = text(ioc.pv("RUN:ID_RBV"))
+
+        def delivered() -> list[dict]:
+            docs = documents(pouchdb)
+            ours = [d for d in docs if d["dtacq_run"]["run_id"] == run_id]
+            return [d for d in ours if d.get("_attachments") and d["dtacq_run"]["files"]]
+
+        docs = wait_for(delivered, "the shot's document with its file", 60)
+        doc = docs[0]
+        shot = doc["dtacq_run"]["header"]  # the shot's own fields, beside the old ones
+        assert (shot["shot"], shot["pre"], shot["post"], shot["trigger_index"]) == (1, 0, post, 0)
+        assert doc["measurement_name"] == "a shot for the database"
+        assert doc["dtacq_run"]["samples"] == post and doc["dtacq_run"]["state"] == "complete"
