@@ -1,0 +1,393 @@
+"""The IOC under EPICS base 7.0.8.1's own tools, with EPICS base's softIoc as the reference.
+
+One `dtacq-ioc run` serves two simulated cards (ACQ425ELF: SHORT waveforms, ACQ437ELF:
+LONG waveforms); the PVs are those it lists (`--list-pvs`), never typed here. A softIoc
+serves a mirror record of each (the record type the PV's native type, count and access
+call for, with its states and text), and every request is asked of both: where softIoc
+answers with a value the IOC must too; where softIoc answers with a failed-read status
+the IOC may too. No request may abort a client (exit 134) or get "Internal Failure".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import secrets
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from epics_base import (
+    ALARM_FIELDS,
+    COMMON_FIELDS,
+    RECORD_FIELDS,
+    REQUESTS,
+    CaEndpoint,
+    Channel,
+    EpicsBase,
+    Mirror,
+    ServedIoc,
+    ToolResult,
+    blocks,
+    channels,
+    dtacq_ioc,
+    enum_states,
+    epics_base,
+    plain_values,
+    soft_ioc,
+)
+from support import ROOT, random_loopback, sim_card_toml
+
+DISPLAY_SAMPLES = 64
+CARDS = (("C1", "ACQ425ELF", "acq2106"), ("C2", "ACQ437ELF", "acq1001"))
+
+
+def write_config(directory: Path, autosave: str | None = None) -> tuple[Path, list[str], list[str]]:
+    """Two simulated cards, each on a loopback address of its own; prefixes and hosts.
+
+    `autosave`: text of the IOC's autosave file, written before it starts."""
+    tag = secrets.token_hex(3).upper()
+    prefixes, hosts, cards = [], [], []
+    for name, module, carrier in CARDS:
+        prefixes.append(f"E{tag}:{name}:")
+        hosts.append(random_loopback())
+        cards.append(sim_card_toml(name, hosts[-1], module=module, carrier=carrier,
+                                   prefix=prefixes[-1]))  # fmt: skip
+    ioc_name = f"e{tag.lower()}"
+    if autosave is not None:
+        (directory / "autosave").mkdir(parents=True, exist_ok=True)
+        (directory / "autosave" / f"{ioc_name}.json").write_text(autosave)
+    path = directory / "test.toml"
+    path.write_text(
+        f"""
+[ioc]
+name = "{ioc_name}"
+autosave_dir = "autosave"
+display_samples = {DISPLAY_SAMPLES}
+
+[archive]
+data_dir = "data"
+{"".join(cards)}
+"""
+    )
+    return path, prefixes, hosts
+
+
+@dataclass
+class Rig:
+    """The IOC, what cainfo says of its PVs, and softIoc's mirror of them."""
+
+    base: EpicsBase
+    ioc: ServedIoc
+    prefixes: list[str]
+    hosts: list[str]
+    chans: dict[str, Channel]
+    states: dict[str, tuple[str, ...]]
+    mirror: Mirror
+    ref: CaEndpoint
+
+    def rtyp(self, name: str) -> str:
+        return self.mirror.records[name]
+
+    def card_names(self, card: int = 0) -> dict[str, str]:
+        """suffix -> full name of one card's PVs."""
+        prefix = self.prefixes[card]
+        return {n.removeprefix(prefix): n for n in self.ioc.names if n.startswith(prefix)}
+
+    def sync_texts(self) -> None:
+        """Give the mirror's string records the text the IOC's string PVs hold now."""
+        names = [n for n, c in self.chans.items() if c.native == "DBF_STRING"]
+        texts = plain_values(self.ioc.endpoint.caget(*names).stdout)
+        for name in names:
+            result = self.ref.caput(self.mirror.name(name), texts.get(name, ""))
+            assert result.returncode == 0, result.tail()
+
+
+def describe(ioc: ServedIoc) -> tuple[dict[str, Channel], dict, dict, dict]:
+    """cainfo of every PV, the states of enum PVs, the text of string PVs, and the
+    record type each PV names in .RTYP (where it serves one)."""
+    chans = channels(ioc.endpoint, ioc.names)
+    enums = [n for n, c in chans.items() if c.native == "DBF_ENUM"]
+    got = ioc.endpoint.caget("-d", "DBR_CTRL_ENUM", *enums)
+    assert not got.aborted, got.tail()
+    states = {n: enum_states(b) for n, b in blocks(got.stdout).items()}
+    strings = [n for n, c in chans.items() if c.native == "DBF_STRING"]
+    texts = plain_values(ioc.endpoint.caget(*strings).stdout)
+    got = ioc.endpoint.caget(*(n + ".RTYP" for n in ioc.names))
+    served = {k.removesuffix(".RTYP"): v for k, v in plain_values(got.stdout).items()}
+    return chans, states, texts, served
+
+
+@contextlib.contextmanager
+def rig_for(directory: Path, config: tuple[Path, list[str], list[str]] | None = None
+            ) -> Iterator[Rig]:  # fmt: skip
+    """The IOC on `config` (a new one in `directory` if None) and softIoc's mirror."""
+    base = epics_base()
+    path, prefixes, hosts = config or write_config(directory)
+    with dtacq_ioc(base, path, ready=f"{prefixes[-1]}STATE=IDLE") as ioc:
+        chans, states, texts, served = describe(ioc)
+        mirror = Mirror(f"REF{secrets.token_hex(2).upper()}:")
+        db = mirror.db(chans, states, texts, served)
+        with soft_ioc(base, db, directory, probe=mirror.name(ioc.names[0])) as ref:
+            yield Rig(base, ioc, prefixes, hosts, chans, states, mirror, ref)
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory) -> Iterator[Rig]:
+    with rig_for(tmp_path_factory.mktemp("epics_base")) as r:
+        yield r
+
+
+def assert_sound(result: ToolResult) -> None:
+    """No request may abort the client or be answered with an internal failure."""
+    assert not result.aborted, f"the tool aborted:\n{result.tail()}"
+    assert not result.internal_failure, f"Internal Failure:\n{result.tail()}"
+
+
+def compare_requests(rig: Rig, names: list[str], requests=REQUESTS) -> list[str]:
+    """Every request of every name, asked of the IOC and of softIoc; the differences."""
+    got = rig.ioc.endpoint.requests(names, requests)
+    ref = rig.ref.requests([rig.mirror.name(n) for n in names], requests)
+    problems = []
+    for req in got:
+        for result in (got[req], ref[req]):
+            if result.aborted or result.internal_failure:
+                problems.append(f"{req}: aborted or Internal Failure\n{result.tail(12)}")
+        ref_failed = {n for n in names if rig.mirror.name(n) in ref[req].failed_channels()}
+        for name in sorted(got[req].failed_channels() - ref_failed):
+            problems.append(f"{req} {name} ({rig.rtyp(name)}): the IOC failed, softIoc answers")
+    return problems
+
+
+def report(problems: list[str]) -> str:
+    return "\n".join(problems[:40]) + f"\n({len(problems)} in all)"
+
+
+# --- reads ---
+
+
+def test_cainfo_answers_every_pv(rig):
+    result = rig.ioc.endpoint.cainfo(*rig.ioc.names)
+    assert_sound(result)
+    assert result.returncode == 0, result.tail()
+    assert set(blocks(result.stdout)) == set(rig.ioc.names)
+
+
+@pytest.mark.parametrize("request_type", REQUESTS)
+def test_every_request_type_gets_the_kind_of_answer_softioc_gives(rig, request_type):
+    problems = compare_requests(rig, rig.ioc.names, [request_type])
+    assert not problems, report(problems)
+
+
+def test_each_pv_names_a_record_type_fitting_its_type_and_access(rig):
+    got = rig.ioc.endpoint.caget(*(n + ".RTYP" for n in rig.ioc.names))
+    assert_sound(got)
+    served = {k.removesuffix(".RTYP"): v for k, v in plain_values(got.stdout).items()}
+    problems = []
+    for name, ch in rig.chans.items():
+        want = ch.record_type(len(rig.states.get(name, ())))
+        if served.get(name) != want:
+            access = "writable" if ch.writable else "read-only"
+            problems.append(f"{name}: RTYP {served.get(name)!r}, {ch.native} x{ch.count} "
+                            f"{access} is a {want}")  # fmt: skip
+    assert not problems, report(problems)
+
+
+def _same_number(a: str, b: str) -> bool:
+    try:
+        x, y = float(a), float(b)
+    except ValueError:
+        return a == b
+    return x == y or (math.isnan(x) and math.isnan(y))
+
+
+# A field and the DBR_CTRL metadata line it must equal (EPICS base's get_units,
+# get_precision, get_graphic_double, get_control_double, get_alarm_double).
+METADATA_OF_FIELD = {
+    "EGU": "Units", "PREC": "Precision", "HOPR": "Hi disp limit", "LOPR": "Lo disp limit",
+    "HIHI": "Hi alarm limit", "HIGH": "Hi warn limit", "LOW": "Lo warn limit",
+    "LOLO": "Lo alarm limit", "SEVR": "Severity", "STAT": "Status",
+}  # fmt: skip
+# Outputs' control limits are their drive limits; the others' are the display limits.
+CONTROL_LIMITS = {"out": ("DRVH", "DRVL"), "in": ("HOPR", "LOPR")}
+
+
+def field_problems(endpoint: CaEndpoint, chans: dict[str, Channel], rtyps: dict[str, str],
+                   states: dict[str, tuple[str, ...]], name_of=lambda n: n,
+                   defined: bool = True) -> list[str]:  # fmt: skip
+    """Every field clients read from each PV's record type, held against the PV's
+    DBR_CTRL metadata (by names relative to the IOC: `name_of` maps them to the server)."""
+    wanted = {n: COMMON_FIELDS + RECORD_FIELDS[rtyps[n]] for n in chans}
+    got = endpoint.caget(*(f"{name_of(n)}.{f}" for n, fs in wanted.items() for f in fs))
+    assert_sound(got)
+    fields = plain_values(got.stdout)
+    by_type: dict[str, list[str]] = {"DBR_CTRL_DOUBLE": [], "DBR_CTRL_ENUM": [],
+                                     "DBR_STS_STRING": []}  # fmt: skip
+    for n, ch in chans.items():
+        kind = {"DBF_ENUM": "DBR_CTRL_ENUM", "DBF_STRING": "DBR_STS_STRING"}
+        by_type[kind.get(ch.native, "DBR_CTRL_DOUBLE")].append(name_of(n))
+    meta: dict[str, dict[str, str]] = {}
+    for req, names in by_type.items():
+        result = endpoint.caget("-d", req, *names)
+        assert_sound(result)
+        meta.update(blocks(result.stdout))
+    plain = plain_values(endpoint.caget(*(name_of(n) for n in chans if chans[n].is_array)).stdout)
+    problems = []
+    for n, ch in chans.items():
+        server, rtyp, ctrl = name_of(n), rtyps[n], meta.get(name_of(n), {})
+
+        def check(f: str, want: str, numeric: bool = False) -> None:
+            have = fields.get(f"{server}.{f}")  # noqa: B023
+            if have is not None and not (_same_number(have, want) if numeric else have == want):
+                problems.append(f"{n}.{f} ({rtyp}): {have!r}, metadata says {want!r}")  # noqa: B023
+
+        missing = [f for f in wanted[n] if f"{server}.{f}" not in fields]
+        problems += [f"{n}.{f} ({rtyp}): not served" for f in missing]
+        check("RTYP", rtyp)
+        if not fields.get(f"{server}.DESC"):
+            problems.append(f"{n}.DESC ({rtyp}): empty")
+        if defined:
+            check("UDF", "0", numeric=True)
+        for f in wanted[n]:
+            line = METADATA_OF_FIELD.get(f)
+            # EPICS reports an alarm limit whose severity is NO_ALARM as NaN: not in use.
+            in_use = ctrl.get(line or "", "nan").lower() != "nan" or f not in ALARM_FIELDS
+            if line is not None and line in ctrl and in_use:
+                check(f, ctrl[line], numeric=f not in ("EGU", "SEVR", "STAT"))
+        if rtyp in ("ao", "longout", "ai", "longin", "waveform"):
+            hi, lo = CONTROL_LIMITS["out" if rtyp in ("ao", "longout") else "in"]
+            if f"{server}.{hi}" in fields and "Hi ctrl limit" in ctrl:
+                check(hi, ctrl["Hi ctrl limit"], numeric=True)
+                check(lo, ctrl["Lo ctrl limit"], numeric=True)
+        if rtyp in ("bi", "bo", "mbbi", "mbbo"):
+            labels = states.get(n, ())
+            for i, f in enumerate(RECORD_FIELDS[rtyp]):
+                check(f, labels[i] if i < len(labels) else "")
+        if rtyp == "waveform":
+            check("NELM", str(ch.count), numeric=True)
+            check("FTVL", ch.native.removeprefix("DBF_"))
+            if fields.get(f"{server}.NORD", "0") != "0":  # softIoc: an empty array reads NELM
+                check("NORD", plain.get(server, "0").split(" ")[0], numeric=True)
+    return problems
+
+
+def test_record_fields_are_served_and_equal_the_metadata(rig):
+    problems = field_problems(rig.ioc.endpoint, rig.chans, rig.mirror.records, rig.states)
+    assert not problems, report(problems)
+
+
+def test_the_field_check_holds_for_softioc_records(rig):
+    """The check above, run on softIoc's mirror: EPICS base itself passes it."""
+    problems = field_problems(rig.ref, rig.chans, rig.mirror.records, rig.states,
+                              name_of=rig.mirror.name, defined=False)  # fmt: skip
+    assert not problems, report(problems)
+
+
+def test_fields_the_ioc_does_not_act_on_refuse_puts(rig):
+    """softIoc acts on EOFF/ESLO (linear conversion) and refuses NELM; the IOC acts on none."""
+    targets = [f"{n}.{f}" for n, t in rig.mirror.records.items() if t in ("ai", "ao")
+               for f in ("EOFF", "ESLO")]  # fmt: skip
+    targets += [f"{n}.NELM" for n, t in rig.mirror.records.items() if t == "waveform"]
+    accepted = []
+    for target in targets[::7]:  # a sample of each kind keeps this quick
+        result = rig.ioc.endpoint.caput("-c", target, "5")
+        assert_sound(result)
+        if result.returncode == 0:
+            accepted.append(f"{target}: {result.stdout.strip().splitlines()[-1]}")
+    assert not accepted, report(accepted)
+
+
+# --- channel filters ---
+
+
+def first_monitor_update(endpoint: CaEndpoint, name: str) -> str:
+    cmd = [str(endpoint.base.tool("camonitor")), name]
+    proc = subprocess.Popen(cmd, env=endpoint.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        return proc.stdout.readline() if proc.stdout else ""
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def count_and_values(line: str, name: str) -> list[str]:
+    """The elements caget or camonitor printed after a name (and camonitor's time stamp)."""
+    rest = line.split(name, 1)[1].split()
+    if re.fullmatch(r"\d{4}-\d\d-\d\d", rest[0]):
+        rest = rest[2:]
+    count = int(rest[0])
+    return rest[1 : 1 + count] if count else []
+
+
+@pytest.mark.parametrize(
+    ("suffix", "want"),
+    [(".[0:4]", 5), (".[0:2:8]", 5), ('.{"dbnd":{"abs":1}}', DISPLAY_SAMPLES)],
+    ids=["range", "stride", "deadband"],
+)
+def test_channel_filters_work_for_get_as_for_monitor(rig, suffix, want):
+    base = rig.card_names()["1:AI:WF:TB"]  # a fixed axis: get and monitor see the same
+    full = rig.ioc.endpoint.caget(base)
+    got = rig.ioc.endpoint.caget(base + suffix)
+    ref = rig.ref.caget(rig.mirror.name(base) + suffix)
+    for result in (full, got, ref):
+        assert_sound(result)
+        assert result.returncode == 0, result.tail()
+    ref_values = count_and_values(ref.stdout, rig.mirror.name(base) + suffix)
+    assert len(ref_values) == want, ref.stdout  # what EPICS base gives
+    values = count_and_values(got.stdout, base + suffix)
+    whole = count_and_values(full.stdout, base)
+    expected = {".[0:4]": whole[0:5], ".[0:2:8]": whole[0:9:2]}.get(suffix, whole)
+    assert values == expected, got.stdout[:300]
+    monitored = count_and_values(first_monitor_update(rig.ioc.endpoint, base + suffix),
+                                 base + suffix)  # fmt: skip
+    assert monitored == expected
+
+
+# --- the README ---
+
+
+README_NAME = re.compile(r"`([^`]+)`")
+
+
+def readme_patterns(text: str) -> list[str]:
+    """The PV names of README.md's PV table (the table after "## PVs").
+
+    A cell lists names in backticks; one starting with ":" continues the cell's first
+    name: it replaces that name's last part, or is appended when that part is a
+    placeholder (`<P><S>:MODEL`, `:SERIAL` and `<P><S>:AI:CH:<NN>`, `:MIN`)."""
+    section = text.split("\n## PVs", 1)[1].split("\n## ", 1)[0]
+    patterns = []
+    for row in section.splitlines():
+        if not row.startswith("| `"):
+            continue
+        names = README_NAME.findall(row.split("|")[1])
+        first = names[0]
+        for name in names:
+            if name.startswith(":"):
+                head, _, last = first.rpartition(":")
+                name = (first if last.startswith("<") else head) + name
+            patterns.append(name)
+    return patterns
+
+
+def pattern_regex(pattern: str, prefix: str) -> re.Pattern:
+    parts = re.split(r"(<P>|<S>|<NN>)", pattern)
+    subst = {"<P>": re.escape(prefix), "<S>": r"\d+", "<NN>": r"\d\d"}
+    return re.compile("".join(subst.get(p, re.escape(p)) for p in parts))
+
+
+def test_readme_pv_table_is_what_the_ioc_serves(rig):
+    patterns = readme_patterns((ROOT / "README.md").read_text())
+    assert len(patterns) > 40, patterns
+    served = [n for n in rig.ioc.names if any(n.startswith(p) for p in rig.prefixes)]
+    regexes = {p: [pattern_regex(p, prefix) for prefix in rig.prefixes] for p in patterns}
+    unserved = [p for p, rs in regexes.items()
+                if not any(r.fullmatch(n) for r in rs for n in served)]  # fmt: skip
+    undocumented = [n for n in served
+                    if not any(r.fullmatch(n) for rs in regexes.values() for r in rs)]  # fmt: skip
+    assert not unserved, f"in the README, not served: {unserved}"
+    assert not undocumented, f"served, not in the README: {undocumented}"
