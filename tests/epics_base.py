@@ -256,7 +256,7 @@ class Channel:
 
 
 def channels(endpoint: CaEndpoint, names: Sequence[str]) -> dict[str, Channel]:
-    result = endpoint.cainfo(*names)
+    result = endpoint.cainfo(*names, wait=15.0)  # returns as soon as all connect
     assert not result.aborted and not result.internal_failure, result.tail()
     out = {}
     for name, info in blocks(result.stdout).items():
@@ -362,6 +362,11 @@ def listed_pvs(log: str) -> list[str] | None:
     return names if len(names) >= int(m.group(1)) else None
 
 
+def _log_tail(proc: subprocess.Popen) -> str:
+    lines = [line for line in output(proc).splitlines() if not re.search(r" PV \S+$", line)]
+    return "\n".join(lines[-40:])
+
+
 @contextlib.contextmanager
 def dtacq_ioc(base: EpicsBase, config: Path, ready: str, deadline_s: float = 60.0
               ) -> Iterator[ServedIoc]:  # fmt: skip
@@ -373,17 +378,17 @@ def dtacq_ioc(base: EpicsBase, config: Path, ready: str, deadline_s: float = 60.
         deadline = time.monotonic() + deadline_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"IOC exited with {proc.returncode}:\n{output(proc)[-3000:]}")
+                raise RuntimeError(f"IOC exited with {proc.returncode}:\n{_log_tail(proc)}")
             names = listed_pvs(output(proc))
             if names and endpoint.caget("-t", probe, wait=1.0).stdout.strip() == want:
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{ready} within {deadline_s} s:\n{output(proc)[-3000:]}")
+                raise TimeoutError(f"{ready} within {deadline_s} s:\n{_log_tail(proc)}")
             time.sleep(0.1)
         try:
             yield ServedIoc(proc, endpoint, config, names)
         finally:
-            print("".join(output(proc).splitlines(keepends=True)[-60:]))
+            print(_log_tail(proc))
 
 
 def epics_base() -> EpicsBase:

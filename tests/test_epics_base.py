@@ -11,10 +11,12 @@ the IOC may too. No request may abort a client (exit 134) or get "Internal Failu
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -391,3 +393,223 @@ def test_readme_pv_table_is_what_the_ioc_serves(rig):
                     if not any(r.fullmatch(n) for rs in regexes.values() for r in rs)]  # fmt: skip
     assert not unserved, f"in the README, not served: {unserved}"
     assert not undocumented, f"served, not in the README: {undocumented}"
+
+
+# --- puts ---
+
+CLASS_NAME = re.compile(r"\b[A-Z][a-z]+[A-Z]\w*\b|Traceback")
+TEN_KB = "x" * 10240
+
+
+def last_error(rig: Rig, name: str) -> str:
+    """The LAST_ERROR of the card (or IOC) that serves `name`, as `caget -S` prints it."""
+    prefix = next((p for p in rig.prefixes if name.startswith(p)), None)
+    source = (prefix + "LAST_ERROR") if prefix else next(
+        n for n in rig.ioc.names if n.endswith(":LAST_ERROR") and not
+        any(n.startswith(p) for p in rig.prefixes))  # fmt: skip
+    return rig.ioc.endpoint.caget("-S", "-t", source).stdout.strip()
+
+
+def value_spellings(value: str) -> set[str]:
+    out = {value[:20]}
+    try:
+        number = float(value)
+    except ValueError:
+        return out
+    out |= {repr(number), f"{number:g}"}
+    if number.is_integer():
+        out.add(str(int(number)))
+    return out
+
+
+def refusal_problems(rig: Rig, name: str, value: str) -> list[str]:
+    """After a refused put: LAST_ERROR holds one line naming the PV, the value and a
+    reason, in words."""
+    suffix = name.split(":", 2)[-1] if any(name.startswith(p) for p in rig.prefixes) else name
+    deadline = time.monotonic() + 5.0
+    while True:
+        text = last_error(rig, name)
+        named = suffix in text and (not value or any(v in text for v in value_spellings(value)))
+        if named or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    shown = f"put {name} {value[:20]!r}: LAST_ERROR {text[:200]!r}"
+    problems = []
+    if not named:
+        problems.append(f"{shown}: does not name the PV and the value")
+    if "\n" in text.strip():
+        problems.append(f"{shown}: more than one line")
+    if CLASS_NAME.search(text):
+        problems.append(f"{shown}: names an exception class")
+    if named and len(text.split(suffix, 1)[1].strip(" :-'\"")) < 8:
+        problems.append(f"{shown}: no reason given")
+    return problems
+
+
+def ctrl_limits(rig: Rig, names: list[str]) -> dict[str, tuple[float, float]]:
+    got = rig.ioc.endpoint.caget("-d", "DBR_CTRL_DOUBLE", *names)
+    assert_sound(got)
+    return {n: (float(b["Lo ctrl limit"]), float(b["Hi ctrl limit"]))
+            for n, b in blocks(got.stdout).items()}  # fmt: skip
+
+
+def fuzz_values(ch: Channel, states: tuple[str, ...], limits: tuple[float, float] | None
+                ) -> list[tuple[str, bool]]:  # fmt: skip
+    """(value, must be refused) for one writable PV."""
+    junk = ["nan", "inf", "-inf", "abc", "", TEN_KB]
+    if ch.native == "DBF_ENUM":
+        beyond = [str(len(states)), "99", "65535", "-1"]
+        return [(v, True) for v in beyond + junk]
+    if ch.native in ("DBF_DOUBLE", "DBF_LONG", "DBF_FLOAT", "DBF_SHORT") and not ch.is_array:
+        lo, hi = limits or (0.0, 0.0)
+        out = [(v, lo < hi) for v in junk]
+        if lo < hi:
+            out += [(repr(hi * 10 + 1e6), True), ("-1", lo > -1), (repr(lo - 1), True)]
+        return out
+    return [(v, False) for v in ["nan", "-1", "abc", "{not json", "", TEN_KB]]
+
+
+def put_args(ch: Channel, value: str) -> list[str]:
+    return ["-S", ch.name, value] if ch.native == "DBF_CHAR" else [ch.name, value]
+
+
+def fuzz(rig: Rig, names: list[str]) -> list[str]:
+    """Every fuzz value to every PV with `caput -c` (refusals checked) and plain `caput`."""
+    numeric = [n for n in names if rig.chans[n].native not in ("DBF_ENUM", "DBF_STRING")
+               and not rig.chans[n].is_array]  # fmt: skip
+    limits = ctrl_limits(rig, numeric) if numeric else {}
+    problems: list[str] = []
+    for name in names:
+        ch = rig.chans[name]
+        for value, must_refuse in fuzz_values(ch, rig.states.get(name, ()), limits.get(name)):
+            result = rig.ioc.endpoint.caput("-c", *put_args(ch, value))
+            if result.aborted or result.internal_failure:
+                problems.append(f"caput -c {name} {value[:20]!r}:\n{result.tail(8)}")
+            elif result.returncode != 0:
+                problems += refusal_problems(rig, name, value)
+            elif must_refuse:
+                problems.append(f"caput -c {name} {value[:20]!r} accepted (exit 0): "
+                                f"{result.stdout.strip().splitlines()[-1][:120]}")  # fmt: skip
+            plain = rig.ioc.endpoint.caput(*put_args(ch, value))
+            if plain.aborted or plain.internal_failure:
+                problems.append(f"caput {name} {value[:20]!r}:\n{plain.tail(8)}")
+    return problems
+
+
+def readable_problems(rig: Rig) -> list[str]:
+    rig.sync_texts()
+    return compare_requests(rig, rig.ioc.names)
+
+
+def test_caput_prints_the_applied_value_and_the_readback_has_followed(rig):
+    names = rig.card_names()
+    for value in ("250", "300"):
+        result = rig.ioc.endpoint.caput(names["CLKDIV"], value)
+        assert result.returncode == 0, result.tail()
+        new = [line for line in result.stdout.splitlines() if line.startswith("New :")]
+        assert new and new[0].split()[-1] == value, result.stdout
+        assert rig.ioc.endpoint.value(names["CLKDIV_RBV"]) == value
+    result = rig.ioc.endpoint.caput("-c", names["CLKDIV"], "250")
+    assert result.returncode == 0, result.tail()
+    assert rig.ioc.endpoint.value(names["CLKDIV_RBV"]) == "250"
+
+
+def test_a_refused_put_fails_names_pv_value_reason_and_alarms_only_that_pv(rig):
+    names = rig.card_names()
+    lo, hi = ctrl_limits(rig, [names["CLKDIV"]])[names["CLKDIV"]]
+    for value in (repr(hi + 1e6), "12.7" if lo <= 12.7 <= hi else "nan", "abc"):
+        for plain in (False, True):
+            args = [names["CLKDIV"], value] if plain else ["-c", names["CLKDIV"], value]
+            result = rig.ioc.endpoint.caput(*args)
+            assert_sound(result)
+            if not plain:
+                assert result.returncode != 0, f"refused put exited 0:\n{result.tail()}"
+            problems = refusal_problems(rig, names["CLKDIV"], value)
+            assert not problems, report(problems)
+    got = rig.ioc.endpoint.caget("-d", "DBR_STS_STRING", *rig.ioc.names)
+    alarmed = [n for n, b in blocks(got.stdout).items()
+               if n != names["CLKDIV"] and b.get("Status") == "WRITE"]  # fmt: skip
+    assert not alarmed, f"a refused put on CLKDIV alarmed: {alarmed}"
+
+
+@pytest.mark.timeout(900)
+def test_put_fuzz_leaves_every_pv_readable_before_and_after_a_restart(tmp_path):
+    config = write_config(tmp_path)
+    with rig_for(tmp_path, config) as rig:
+        writable = [n for n, c in rig.chans.items() if c.writable]
+        assert len(writable) > 20, writable
+        problems = fuzz(rig, writable)
+        problems += readable_problems(rig)
+    with rig_for(tmp_path, config) as rig:  # over what autosave kept of it
+        problems += [f"after the restart: {p}" for p in readable_problems(rig)]
+    assert not problems, report(problems)
+
+
+# The PVs whose value comes from the card (issue 10: identity, settings readbacks,
+# waveforms, stream figures), by suffix.
+CARD_DERIVED = re.compile(
+    r"(MODEL|HOSTNAME|SERIAL|FW:SW|FW:FPGA|\d+:(MODEL|PART_NUM|SERIAL)"
+    r"|CLKDIV_RBV|EXT_CLOCK_RBV|SAMPLE_RATE_RBV|SYSCLK_RBV"
+    r"|\d+:AI:(WF|SPEC|CH):\d\d(:V|:MIN|:MAX|:RMS)?|STREAM:\w+)"
+)
+
+
+@pytest.mark.timeout(300)
+def test_a_card_that_drops_alarms_its_pvs_and_refuses_setting_puts(tmp_path):
+    from test_ioc import sim_knob
+
+    with rig_for(tmp_path) as rig:
+        names = rig.card_names()
+        sim_knob(rig.hosts[0], "SIM:REBOOT", 120)  # every port refused for that long
+        deadline = time.monotonic() + 60
+        while rig.ioc.endpoint.value(names["CONNECTED"]) != "No":
+            assert time.monotonic() < deadline, "the IOC never saw the card go"
+            time.sleep(0.1)
+        derived = [n for s, n in names.items() if CARD_DERIVED.fullmatch(s)]
+        assert len(derived) > 50, derived
+        got = rig.ioc.endpoint.caget("-d", "DBR_STS_STRING", *derived)
+        assert_sound(got)
+        wrong = [f"{n}: {b.get('Status')}/{b.get('Severity')}"
+                 for n, b in blocks(got.stdout).items()
+                 if (b.get("Status"), b.get("Severity")) != ("COMM", "INVALID")]  # fmt: skip
+        result = rig.ioc.endpoint.caput("-c", names["CLKDIV"], "250")
+        assert not wrong, report(wrong)
+        assert result.returncode != 0, f"CLKDIV put accepted with the card down:\n{result.tail()}"
+        text = last_error(rig, names["CLKDIV"])
+        assert "CLKDIV" in text and "card not connected" in text, text
+
+
+BAD_AUTOSAVE = {
+    "bad-values": json.dumps(
+        {
+            "C1": {
+                "EXT_CLOCK": 5,
+                "RUN:SAVE": 7,
+                "RUN:UPLOAD": "maybe",
+                "CLKDIV": "abc",
+                "BUFFER_SIZE": [1, 2],
+                "RUN:NAME": {"x": 1},
+                "RUN:TRIGGER": 12,
+                "RUN:DOWNSAMPLE": -5,
+                "EXT_CLOCK_FREQ": "NaN",
+                "1:GAIN:01": 99,
+                "NO_SUCH_PV": 1,
+            },
+            "C2": {"EXT_CLOCK": -1, "CLKDIV": 1e30, "RUN:CHANNELS": None, "1:GAIN:ALL": "x1000"},
+        }
+    ),
+    "garbage": "\x00\xff{not json at all",
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", sorted(BAD_AUTOSAVE))
+def test_a_corrupt_autosave_file_leaves_every_pv_readable(tmp_path, kind):
+    config = write_config(tmp_path, autosave=BAD_AUTOSAVE[kind])
+    with rig_for(tmp_path, config) as rig:
+        problems = readable_problems(rig)
+        for card in (0, 1):
+            clock = rig.card_names(card)["EXT_CLOCK"]
+            states = rig.states[clock]
+            assert rig.ioc.endpoint.value(clock) in states
+    assert not problems, report(problems)
