@@ -162,8 +162,9 @@ class CaEndpoint:
     def caget(self, *args: str, wait: float = WAIT_S) -> ToolResult:
         return self.run("caget", "-w", str(wait), *args)
 
-    def caput(self, *args: str, wait: float = WAIT_S) -> ToolResult:
-        return self.run("caput", "-w", str(wait), *args)
+    def caput(self, name: str, value: str, *options: str, wait: float = WAIT_S) -> ToolResult:
+        """`caput OPTIONS -- NAME VALUE`: a value such as "-1" is never read as an option."""
+        return self.run("caput", "-w", str(wait), *options, "--", name, value)
 
     def cainfo(self, *names: str, wait: float = WAIT_S) -> ToolResult:
         return self.run("cainfo", "-w", str(wait), *names)

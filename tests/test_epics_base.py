@@ -295,11 +295,38 @@ def test_fields_the_ioc_does_not_act_on_refuse_puts(rig):
     targets += [f"{n}.NELM" for n, t in rig.mirror.records.items() if t == "waveform"]
     accepted = []
     for target in targets[::7]:  # a sample of each kind keeps this quick
-        result = rig.ioc.endpoint.caput("-c", target, "5")
+        result = rig.ioc.endpoint.caput(target, "5", "-c")
         assert_sound(result)
         if result.returncode == 0:
             accepted.append(f"{target}: {result.stdout.strip().splitlines()[-1]}")
     assert not accepted, report(accepted)
+
+
+@pytest.mark.parametrize("options", [(), ("-n",), ("-S",)], ids=["plain", "numeric", "text"])
+def test_camonitor_of_every_pv_gets_a_first_update_of_each(rig, options):
+    """camonitor prints each PV's first update; it must neither abort nor see failures."""
+    cmd = [str(rig.base.tool("camonitor")), *options, *rig.ioc.names]
+    proc = subprocess.Popen(cmd, env=rig.ioc.endpoint.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")  # fmt: skip
+    seen: set[str] = set()
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    try:
+        assert proc.stdout is not None
+        while seen < set(rig.ioc.names) and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            seen.add(line.split(" ", 1)[0])
+    finally:
+        proc.terminate()
+        code = proc.wait(10)
+    text = "".join(lines)
+    assert code not in (134, -6) and proc.returncode == -15, text[-2000:]
+    assert "Internal Failure" not in text, text[-2000:]
+    missing = set(rig.ioc.names) - seen
+    assert not missing, f"no update of {sorted(missing)[:10]}:\n{text[-1500:]}"
 
 
 # --- channel filters ---
@@ -469,8 +496,9 @@ def fuzz_values(ch: Channel, states: tuple[str, ...], limits: tuple[float, float
     return [(v, False) for v in ["nan", "-1", "abc", "{not json", "", TEN_KB]]
 
 
-def put_args(ch: Channel, value: str) -> list[str]:
-    return ["-S", ch.name, value] if ch.native == "DBF_CHAR" else [ch.name, value]
+def text_option(ch: Channel) -> list[str]:
+    """caput -S: a CHAR array is written as text."""
+    return ["-S"] if ch.native == "DBF_CHAR" else []
 
 
 def fuzz(rig: Rig, names: list[str]) -> list[str]:
@@ -482,7 +510,7 @@ def fuzz(rig: Rig, names: list[str]) -> list[str]:
     for name in names:
         ch = rig.chans[name]
         for value, must_refuse in fuzz_values(ch, rig.states.get(name, ()), limits.get(name)):
-            result = rig.ioc.endpoint.caput("-c", *put_args(ch, value))
+            result = rig.ioc.endpoint.caput(name, value, "-c", *text_option(ch))
             if result.aborted or result.internal_failure:
                 problems.append(f"caput -c {name} {value[:20]!r}:\n{result.tail(8)}")
             elif result.returncode != 0:
@@ -490,7 +518,7 @@ def fuzz(rig: Rig, names: list[str]) -> list[str]:
             elif must_refuse:
                 problems.append(f"caput -c {name} {value[:20]!r} accepted (exit 0): "
                                 f"{result.stdout.strip().splitlines()[-1][:120]}")  # fmt: skip
-            plain = rig.ioc.endpoint.caput(*put_args(ch, value))
+            plain = rig.ioc.endpoint.caput(name, value, *text_option(ch))
             if plain.aborted or plain.internal_failure:
                 problems.append(f"caput {name} {value[:20]!r}:\n{plain.tail(8)}")
     return problems
@@ -509,7 +537,7 @@ def test_caput_prints_the_applied_value_and_the_readback_has_followed(rig):
         new = [line for line in result.stdout.splitlines() if line.startswith("New :")]
         assert new and new[0].split()[-1] == value, result.stdout
         assert rig.ioc.endpoint.value(names["CLKDIV_RBV"]) == value
-    result = rig.ioc.endpoint.caput("-c", names["CLKDIV"], "250")
+    result = rig.ioc.endpoint.caput(names["CLKDIV"], "250", "-c")
     assert result.returncode == 0, result.tail()
     assert rig.ioc.endpoint.value(names["CLKDIV_RBV"]) == "250"
 
@@ -519,8 +547,7 @@ def test_a_refused_put_fails_names_pv_value_reason_and_alarms_only_that_pv(rig):
     lo, hi = ctrl_limits(rig, [names["CLKDIV"]])[names["CLKDIV"]]
     for value in (repr(hi + 1e6), "12.7" if lo <= 12.7 <= hi else "nan", "abc"):
         for plain in (False, True):
-            args = [names["CLKDIV"], value] if plain else ["-c", names["CLKDIV"], value]
-            result = rig.ioc.endpoint.caput(*args)
+            result = rig.ioc.endpoint.caput(names["CLKDIV"], value, *([] if plain else ["-c"]))
             assert_sound(result)
             if not plain:
                 assert result.returncode != 0, f"refused put exited 0:\n{result.tail()}"
@@ -572,7 +599,7 @@ def test_a_card_that_drops_alarms_its_pvs_and_refuses_setting_puts(tmp_path):
         wrong = [f"{n}: {b.get('Status')}/{b.get('Severity')}"
                  for n, b in blocks(got.stdout).items()
                  if (b.get("Status"), b.get("Severity")) != ("COMM", "INVALID")]  # fmt: skip
-        result = rig.ioc.endpoint.caput("-c", names["CLKDIV"], "250")
+        result = rig.ioc.endpoint.caput(names["CLKDIV"], "250", "-c")
         assert not wrong, report(wrong)
         assert result.returncode != 0, f"CLKDIV put accepted with the card down:\n{result.tail()}"
         text = last_error(rig, names["CLKDIV"])
