@@ -132,3 +132,13 @@ def test_a_bluesky_count_gives_documents_that_validate(signals):
     event = next(doc for name, doc in docs if name == "event")
     assert len(event["data"]["wf"]) == DISPLAY_SAMPLES
     assert docs[-1][1]["exit_status"] == "success"
+
+
+def test_pyepics_reads_the_applied_value_right_after_a_put_with_wait(ioc):
+    """A put completes once the setting reached the card and its readback was read back."""
+    import epics
+
+    for value in (300, 250):
+        assert epics.caput(ioc.pv("CLKDIV"), value, wait=True, timeout=10) == 1
+        assert epics.caget(ioc.pv("CLKDIV"), use_monitor=False, timeout=5) == value
+        assert epics.caget(ioc.pv("CLKDIV_RBV"), use_monitor=False, timeout=5) == value
