@@ -129,6 +129,12 @@ class ToolResult:
                                  self.stderr + self.stdout))  # fmt: skip
         return failed
 
+    def summary(self) -> str:
+        """One line: the command, its exit status and libca's account of a failure."""
+        context = re.findall(r'Context:\s+"(.*)"', self.stdout + self.stderr)
+        why = f": {context[0][:160]}" if context else ""
+        return f"$ {' '.join(self.args)[:120]}: exit {self.returncode}{why}"
+
     def tail(self, lines: int = 30) -> str:
         text = (self.stdout + self.stderr).splitlines()
         return f"$ {' '.join(self.args)[:300]}\nexit {self.returncode}\n" + "\n".join(text[-lines:])

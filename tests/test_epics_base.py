@@ -157,7 +157,7 @@ def compare_requests(rig: Rig, names: list[str], requests=REQUESTS) -> list[str]
     for req in got:
         for result in (got[req], ref[req]):
             if result.aborted or result.internal_failure:
-                problems.append(f"{req}: aborted or Internal Failure\n{result.tail(12)}")
+                problems.append(f"{req}: aborted or Internal Failure {result.summary()}")
         ref_failed = {n for n in names if rig.mirror.name(n) in ref[req].failed_channels()}
         for name in sorted(got[req].failed_channels() - ref_failed):
             problems.append(f"{req} {name} ({rig.rtyp(name)}): the IOC failed, softIoc answers")
@@ -513,7 +513,7 @@ def fuzz(rig: Rig, names: list[str]) -> list[str]:
         for value, must_refuse in fuzz_values(ch, rig.states.get(name, ()), limits.get(name)):
             result = rig.ioc.endpoint.caput(name, value, "-c", *text_option(ch))
             if result.aborted or result.internal_failure:
-                problems.append(f"caput -c {name} {value[:20]!r}:\n{result.tail(8)}")
+                problems.append(result.summary())
             elif result.returncode != 0:
                 found = refusal_problems(rig, name, value, wait=2.0 if patience else 0.0)
                 patience -= any("does not name" in p for p in found) and patience > 0
@@ -523,7 +523,7 @@ def fuzz(rig: Rig, names: list[str]) -> list[str]:
                                 f"{result.stdout.strip().splitlines()[-1][:120]}")  # fmt: skip
             plain = rig.ioc.endpoint.caput(name, value, *text_option(ch))
             if plain.aborted or plain.internal_failure:
-                problems.append(f"caput {name} {value[:20]!r}:\n{plain.tail(8)}")
+                problems.append(plain.summary())
     return problems
 
 
