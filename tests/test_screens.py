@@ -196,3 +196,100 @@ def test_asking_for_a_pv_the_card_does_not_serve_is_refused():
     assert names("CLKDIV") == card.prefix + "CLKDIV"
     with pytest.raises(KeyError, match="NO_SUCH_PV"):
         names("NO_SUCH_PV")
+
+
+# --- Phoebus reads only the properties its widget model defines ---
+#
+# Facts from Phoebus's Display Builder model (app/display/model, ...builder/model/): the
+# XML names of the properties each widget class defines in defineProperties, with those
+# of its base classes (Widget, VisibleWidget, MacroWidget, PVWidget, WritablePVWidget),
+# runtime-only properties left out. Phoebus skips any other element silently.
+WIDGET = {"type", "name", "class", "x", "y", "width", "height", "actions", "rules", "scripts"}
+VISIBLE = WIDGET | {"visible", "tooltip"}
+PV = VISIBLE | {"pv_name", "border_alarm_sensitive"}
+PHOEBUS_PROPERTIES: dict[str, set[str]] = {
+    "display": WIDGET | {"macros", "background_color", "grid_visible", "grid_color",
+                         "grid_step_x", "grid_step_y"},
+    "label": VISIBLE | {"macros", "text", "font", "foreground_color", "background_color",
+                        "transparent", "horizontal_alignment", "vertical_alignment",
+                        "rotation_step", "auto_size", "wrap_words"},
+    "textupdate": PV | {"font", "foreground_color", "background_color", "transparent", "format",
+                        "precision", "show_units", "horizontal_alignment",
+                        "vertical_alignment", "wrap_words", "rotation_step", "interactive"},
+    "textentry": PV | {"font", "foreground_color", "background_color", "format", "precision",
+                       "show_units", "horizontal_alignment", "vertical_alignment", "enabled",
+                       "wrap_words", "multi_line"},
+    "combo": PV | {"font", "foreground_color", "background_color", "items", "items_from_pv",
+                   "editable", "enabled", "show_confirm_dialog", "confirm_message", "password"},
+    "led": PV | {"bit", "off_label", "off_color", "on_label", "on_color", "font",
+                 "foreground_color", "line_color", "square", "labels_from_pv"},
+    "action_button": PV | {"text", "font", "foreground_color", "background_color", "transparent",
+                           "horizontal_alignment", "vertical_alignment", "rotation_step",
+                           "enabled", "show_confirm_dialog", "confirm_message", "password"},
+    "xyplot": VISIBLE | {"foreground_color", "background_color", "title", "title_font",
+                         "show_toolbar", "show_legend", "x_axis", "y_axes", "traces", "marker"},
+}  # fmt: skip
+# Structured properties of the plot (PlotWidgetProperties: AxisWidgetProperty,
+# YAxisWidgetProperty, TraceWidgetProperty) and the actions' own elements
+# (ActionInfoBase's description; OpenDisplayAction, WritePVAction).
+AXIS = {"title", "autoscale", "log_scale", "minimum", "maximum", "show_grid", "title_font",
+        "scale_font", "visible"}  # fmt: skip
+PHOEBUS_PARTS: dict[str, set[str]] = {
+    "x_axis": AXIS,
+    "y_axis": AXIS | {"on_right", "color"},
+    "trace": {"name", "x_pv", "y_pv", "err_pv", "axis", "trace_type", "color", "line_width",
+              "line_style", "point_type", "point_size", "visible"},
+    "action:open_display": {"description", "file", "target", "name", "macros"},
+    "action:write_pv": {"description", "pv_name", "value"},
+}  # fmt: skip
+
+
+def unknown_properties(root: ET.Element) -> list[str]:
+    def check(el: ET.Element, allowed: set[str], where: str) -> list[str]:
+        return [f"{where}: <{c.tag}>" for c in el if c.tag != "widget" and c.tag not in allowed]
+
+    out = check(root, PHOEBUS_PROPERTIES["display"], "display")
+    for w in root.iter("widget"):
+        kind, where = w.get("type", ""), f"{w.get('type')} {w.findtext('name')!r}"
+        out += check(w, PHOEBUS_PROPERTIES.get(kind, set()), where)
+        for axis in [*w.findall("x_axis"), *w.findall("y_axes/y_axis")]:
+            out += check(axis, PHOEBUS_PARTS[axis.tag], f"{where} {axis.tag}")
+        for holder, part in (("y_axes", "y_axis"), ("traces", "trace")):
+            for el in w.findall(holder):
+                out += check(el, {part}, f"{where} {holder}")
+        for trace in w.findall("traces/trace"):
+            out += check(trace, PHOEBUS_PARTS["trace"], f"{where} trace")
+        for action in w.findall("actions/action"):
+            part = f"action:{action.get('type')}"
+            out += check(action, PHOEBUS_PARTS.get(part, set()), f"{where} {part}")
+    return out
+
+
+def test_screens_use_only_properties_phoebus_reads(tmp_path):
+    paths = write_screens(SIM_TOML, tmp_path / "screens")
+    kinds = set()
+    problems = []
+    for path in paths:
+        root = ET.parse(path).getroot()
+        kinds |= {w.get("type") for w in root.iter("widget")}
+        problems += [f"{path.name}: {p}" for p in unknown_properties(root)]
+    assert kinds <= set(PHOEBUS_PROPERTIES), kinds - set(PHOEBUS_PROPERTIES)
+    assert not problems, "\n".join(problems[:30])
+
+
+def test_reset_and_reboot_ask_for_confirmation(tmp_path):
+    paths = write_screens(SIM_TOML, tmp_path / "screens")
+    config = load_config(SIM_TOML)
+    buttons = {}
+    for path in paths:
+        for w in ET.parse(path).getroot().iter("widget"):
+            pv = w.findtext("actions/action/pv_name")
+            if w.get("type") == "action_button" and pv:
+                buttons[pv] = w
+    for card in config.cards:
+        for suffix in ("RESET", "REBOOT"):
+            button = buttons[card.prefix + suffix]
+            assert button.findtext("show_confirm_dialog") == "true", suffix
+            assert len(button.findtext("confirm_message") or "") > 10, suffix
+        for suffix in ("RUN:START", "RUN:STOP"):
+            assert buttons[card.prefix + suffix].findtext("show_confirm_dialog") is None

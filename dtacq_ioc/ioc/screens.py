@@ -132,8 +132,8 @@ class Screen:
         _sub(action, "description", text)
         _sub(action, "pv_name", pv)
         _sub(action, "value", value)
-        if confirm:
-            _sub(el, "confirm_dialog", "true")
+        if confirm:  # Phoebus's names (ActionButtonWidget); it skips unknown ones silently
+            _sub(el, "show_confirm_dialog", "true")
             _sub(el, "confirm_message", confirm)
 
     def open_button(self, text: str, file: str, x: int, y: int, w: int = 160) -> None:
