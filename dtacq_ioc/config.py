@@ -192,6 +192,9 @@ class BridgeConfig:
     tokens: tuple[Secret, ...] = ()
     slow_client_timeout_s: float = 30.0
     max_message_bytes: int = 65536
+    max_subscriptions: int = 5000  # PVs per WebSocket client
+    max_pending_searches: int = 1000  # names per client still being looked up
+    search_timeout_s: float = 3.0  # a name no server answers within this is forgotten
 
 
 @dataclass(frozen=True)
@@ -585,6 +588,9 @@ def _bridge(t: _Table) -> BridgeConfig:
         tokens=t.secrets("tokens"),
         slow_client_timeout_s=t.positive("slow_client_timeout_s", float, d.slow_client_timeout_s),
         max_message_bytes=t.positive("max_message_bytes", int, d.max_message_bytes),
+        max_subscriptions=t.positive("max_subscriptions", int, d.max_subscriptions),
+        max_pending_searches=t.positive("max_pending_searches", int, d.max_pending_searches),
+        search_timeout_s=t.positive("search_timeout_s", float, d.search_timeout_s),
     )
     t.finish()
     return b

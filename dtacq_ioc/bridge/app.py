@@ -78,7 +78,7 @@ async def start_bridge(config: Config, loop: asyncio.AbstractEventLoop | None = 
     from dtacq_ioc.bridge.source import PvSource
 
     cfg = config.bridge
-    source = PvSource()
+    source = PvSource(search_timeout_s=cfg.search_timeout_s)
     await source.start()
     services = Services(config=config, source=source, tokens=TokenCheck(cfg.tokens))
     if not services.tokens.enabled:

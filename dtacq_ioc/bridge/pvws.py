@@ -4,6 +4,11 @@ Client -> bridge: subscribe/monitor, clear, list, write, ping, echo (and our
 `auth`). Bridge -> client: `update` messages (metadata first, then what
 changed), `list`, `error`. Arrays go at the IOC's rate; a client that cannot
 keep up gets the latest value per PV (see outbox.py).
+
+Each client may hold `max_subscriptions` PVs and have `max_pending_searches` of
+them still being looked up; past either, names are refused in one error line. A
+name no server answers is reported, stays in the client's list, and is otherwise
+forgotten (subscribing to it again searches again).
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from dtacq_ioc.bridge.source import Delta, PvEntry, WriteRefused
 
 log = logging.getLogger(__name__)
 
-MAX_PVS_PER_CLIENT = 5000
 MAX_NAME = 256
 
 
@@ -26,12 +30,17 @@ class PvwsSession(Session):
 
     def onOpen(self) -> None:
         self.subs: dict[str, bool] = {}  # PV name -> first (full) update sent
+        self.searching: set[str] = set()  # subscribed names no server has answered yet
+        self.missing: set[str] = set()  # subscribed names nobody served: the source forgot them
         super().onOpen()
 
     def closed(self) -> None:
         for name in list(getattr(self, "subs", {})):
-            self.services.source.unsubscribe(name, self)
+            if name not in self.missing:
+                self.services.source.unsubscribe(name, self)
         self.subs = {}
+        self.searching = set()
+        self.missing = set()
 
     def encode_update(self, name: str, fields: dict[str, Any]) -> bytes:
         return json.dumps({"type": "update", "pv": name, **fields}, separators=(",", ":")).encode()
@@ -47,15 +56,23 @@ class PvwsSession(Session):
     def pv_update(self, entry: PvEntry, delta: Delta) -> None:
         if entry.name not in self.subs:
             return
+        self.searching.discard(entry.name)
         if not self.subs[entry.name]:
             self._send_full(entry)
         else:
             self.outbox.update(entry.name, delta.fields, delta.json())
 
     def pv_missing(self, entry: PvEntry) -> None:
-        if entry.name in self.subs:
-            self.error(f"PV {entry.name} not found: no Channel Access server answered", entry.name)
-            self.outbox.update(entry.name, {"severity": "UNDEFINED", "connected": False})
+        name = entry.name
+        if name not in self.subs:
+            return
+        self.searching.discard(name)
+        if self.services.source.entries.get(name) is not entry:
+            self.missing.add(name)  # forgotten by the source: no more news of it
+        text = f"PV {name} not found: no Channel Access server answered"
+        self.refusals.note("names not found", text)
+        self.error(text, name)
+        self.outbox.update(name, {"severity": "UNDEFINED", "connected": False})
 
     def _send_full(self, entry: PvEntry) -> None:
         if not entry.connected or not entry.fields:
@@ -77,7 +94,11 @@ class PvwsSession(Session):
             for name in _names(message):
                 if self.subs.pop(name, None) is not None:
                     self.outbox.forget(name)
-                    self.services.source.unsubscribe(name, self)
+                    self.searching.discard(name)
+                    if name in self.missing:
+                        self.missing.discard(name)
+                    else:
+                        self.services.source.unsubscribe(name, self)
         elif kind == "list":
             self.send_json({"type": "list", "pvs": sorted(self.subs)})
         elif kind == "write":
@@ -92,13 +113,36 @@ class PvwsSession(Session):
             raise BadRequest(f"unknown message type {kind[:64]!r}")
 
     def _subscribe(self, names: list[str]) -> None:
-        new = [n for n in dict.fromkeys(names) if n not in self.subs]
-        if len(self.subs) + len(new) > MAX_PVS_PER_CLIENT:
-            raise BadRequest(f"at most {MAX_PVS_PER_CLIENT} PVs per connection")
-        for name in new:
+        cfg = self.services.config.bridge
+        source = self.services.source
+        full = soon = 0  # names refused: too many PVs, too many still being looked up
+        for name in dict.fromkeys(names):
+            if name in self.subs and name not in self.missing:
+                continue
+            if name not in self.subs and len(self.subs) >= cfg.max_subscriptions:
+                full += 1
+                continue
+            entry = source.entries.get(name)
+            searches = entry is None or entry.searching
+            if searches and len(self.searching) >= cfg.max_pending_searches:
+                soon += 1
+                continue
+            self.missing.discard(name)
             self.subs[name] = False
-            entry = self.services.source.subscribe(name, self)
+            entry = source.subscribe(name, self)
+            if entry.searching:
+                self.searching.add(name)
             self._send_full(entry)
+        why = []
+        if full:
+            why.append(f"at most {cfg.max_subscriptions} PVs per connection (clear some first)")
+        if soon:
+            why.append(
+                f"at most {cfg.max_pending_searches} names may be looked up at once "
+                "(subscribe again once those are answered)"
+            )
+        if why:
+            raise BadRequest(f"{full + soon} PV names refused: {'; '.join(why)}")
 
     def _write(self, message: dict[str, Any]) -> None:
         name = message.get("pv")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 
 from dtacq_ioc.bridge.auth import TokenCheck
@@ -19,8 +22,72 @@ from dtacq_ioc.config import Config
 log = logging.getLogger(__name__)
 
 
+MAX_JSON_DEPTH = 32  # both protocols nest 3 deep; a trigger's args or logitems a few more
+REFUSAL_LOG_INTERVAL_S = 60.0
+
+_JSON_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_OPEN = np.frombuffer(b"[{", dtype=np.uint8)
+_CLOSE = np.frombuffer(b"]}", dtype=np.uint8)
+
+
 class BadRequest(Exception):
     """A client's message that cannot be served; the text goes back to the client."""
+
+
+class Malformed(BadRequest):
+    """A message that is not a JSON object within the bounds."""
+
+
+def parse_message(payload: bytes, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """A client's JSON text, bounded in size and nesting before the parser sees it
+    (the parser recurses once per level: deep nesting would exhaust the stack)."""
+    if len(payload) > max_bytes:
+        raise Malformed(f"message of {len(payload)} bytes refused: at most {max_bytes}")
+    # Brackets inside strings do not nest; an unterminated string keeps its brackets
+    # counted, which only errs on the side of refusing.
+    text = _JSON_STRINGS.sub(b"", payload)
+    if text.count(b"[") + text.count(b"{") > max_depth:  # else it cannot be too deep
+        raw = np.frombuffer(text, dtype=np.uint8)
+        steps = np.isin(raw, _OPEN).astype(np.int32) - np.isin(raw, _CLOSE)
+        if int(np.cumsum(steps).max()) > max_depth:
+            raise Malformed(f"JSON nested deeper than {max_depth} levels refused")
+    try:
+        return json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise Malformed("malformed message: not UTF-8 text") from None
+    except ValueError as exc:
+        raise Malformed(f"malformed JSON: {exc}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+@dataclass
+class RefusalLog:
+    """At most one log line per kind of refusal per interval for one client: a client
+    sending garbage cannot fill the log. Kinds are a few fixed words, never client text."""
+
+    peer: str
+    interval_s: float = REFUSAL_LOG_INTERVAL_S
+    _last: dict[str, float] = field(default_factory=dict)
+    _quiet: dict[str, int] = field(default_factory=dict)
+
+    def note(self, kind: str, text: str, level: int = logging.INFO) -> None:
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval_s:
+            self._quiet[kind] = self._quiet.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        more = self._quiet.pop(kind, 0)
+        tail = f" (and {more} more not logged)" if more else ""
+        log.log(level, "%s: %s%s", self.peer, text, tail)
+
+    def close(self) -> None:
+        for kind, more in self._quiet.items():
+            log.info("%s: %d more %s not logged", self.peer, more, kind)
+        self._quiet.clear()
 
 
 @dataclass
@@ -50,6 +117,7 @@ class Session(WebSocketServerProtocol):
         self.can_write = False
         self.messages = 0
         self.peer_name = request.peer
+        self.refusals = RefusalLog(self.peer_name)
         token = (request.params.get("token") or [None])[0]
         if token is not None:
             self.can_write = self.services.tokens.check(token)
@@ -70,11 +138,18 @@ class Session(WebSocketServerProtocol):
             outbox.close()
         self.services.sessions.discard(self)
         self.closed()
+        refusals = getattr(self, "refusals", None)
+        if refusals is not None:
+            refusals.close()
 
     def closed(self) -> None:
         """Subclasses release what the session held."""
 
     def sendMessage(self, payload: bytes, isBinary: bool = False, **kwargs: Any) -> None:
+        if self.state != self.STATE_OPEN:
+            # The client has just gone (its close is under way): nothing to tell anyone.
+            self.refusals.note("sends after close", "reply after the close dropped", logging.DEBUG)
+            return
         # Autobahn applies maxMessagePayloadSize to outgoing messages too; the limit is
         # meant for what clients send, and waveforms are far larger.
         limit = self.maxMessagePayloadSize
@@ -89,22 +164,28 @@ class Session(WebSocketServerProtocol):
         first = self.messages == 1
         try:
             if isBinary:
-                raise BadRequest("binary messages are not understood; send JSON text")
-            try:
-                message = json.loads(payload.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise BadRequest(f"malformed JSON: {exc}") from None
+                raise Malformed("binary messages are not understood; send JSON text")
+            message = parse_message(payload, self.services.config.bridge.max_message_bytes)
             if not isinstance(message, dict):
-                raise BadRequest("a message must be a JSON object")
+                raise Malformed("a message must be a JSON object")
             if message.get("type") == "auth":
                 self._auth(message, first)
                 return
             self.handle(message)
-        except BadRequest as exc:
+        except Malformed as exc:
+            self.refusals.note("malformed messages", f"refused a message: {exc}")
             self.error(str(exc), None)
-        except Exception:
-            log.exception("%s: request failed", self.peer_name)
-            self.error("internal error (logged by the bridge)", None)
+        except BadRequest as exc:
+            self.refusals.note("refused requests", f"refused: {exc}")
+            self.error(str(exc), None)
+        except Exception as exc:
+            self.failed(exc, None)
+
+    def failed(self, exc: Exception, request: Any) -> None:
+        """A request that broke on the bridge's side: one line, details only at debug."""
+        log.debug("%s: request failed", self.peer_name, exc_info=exc)
+        self.refusals.note("failed requests", f"request failed on the bridge: {exc}", logging.ERROR)
+        self.error(f"failed on the bridge: {exc}", request)
 
     def _auth(self, message: dict[str, Any], first: bool) -> None:
         if not first:
@@ -132,10 +213,10 @@ class Session(WebSocketServerProtocol):
             try:
                 await coro
             except BadRequest as exc:
+                self.refusals.note("refused requests", f"refused: {exc}")
                 self.error(str(exc), request)
             except Exception as exc:
-                log.exception("%s: request failed", self.peer_name)
-                self.error(f"failed: {type(exc).__name__}: {exc}", request)
+                self.failed(exc, request)
 
         self.services.spawn(guarded())
 
