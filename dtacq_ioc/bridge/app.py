@@ -27,7 +27,10 @@ def ensure_reactor(loop: asyncio.AbstractEventLoop) -> Any:
     if "twisted.internet.reactor" not in sys.modules:
         from twisted.internet import asyncioreactor
 
+        from dtacq_ioc.bridge.twistedlog import start_twisted_logging
+
         asyncioreactor.install(loop)
+        start_twisted_logging()
     from twisted.internet import reactor
 
     if getattr(reactor, "_asyncioEventloop", None) is not loop:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import re
-import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +15,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 
 from dtacq_ioc.bridge.auth import TokenCheck
 from dtacq_ioc.bridge.outbox import Outbox
+from dtacq_ioc.bridge.ratelog import RateLimitedLog
 from dtacq_ioc.bridge.source import PvSource
 from dtacq_ioc.config import Config
 
@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 
 MAX_JSON_DEPTH = 32  # both protocols nest 3 deep; a trigger's args or logitems a few more
-REFUSAL_LOG_INTERVAL_S = 60.0
 
 _JSON_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _OPEN = np.frombuffer(b"[{", dtype=np.uint8)
@@ -64,33 +63,6 @@ def _no_constant(name: str) -> Any:
 
 
 @dataclass
-class RefusalLog:
-    """At most one log line per kind of refusal per interval for one client: a client
-    sending garbage cannot fill the log. Kinds are a few fixed words, never client text."""
-
-    peer: str
-    interval_s: float = REFUSAL_LOG_INTERVAL_S
-    _last: dict[str, float] = field(default_factory=dict)
-    _quiet: dict[str, int] = field(default_factory=dict)
-
-    def note(self, kind: str, text: str, level: int = logging.INFO) -> None:
-        now = time.monotonic()
-        last = self._last.get(kind)
-        if last is not None and now - last < self.interval_s:
-            self._quiet[kind] = self._quiet.get(kind, 0) + 1
-            return
-        self._last[kind] = now
-        more = self._quiet.pop(kind, 0)
-        tail = f" (and {more} more not logged)" if more else ""
-        log.log(level, "%s: %s%s", self.peer, text, tail)
-
-    def close(self) -> None:
-        for kind, more in self._quiet.items():
-            log.info("%s: %d more %s not logged", self.peer, more, kind)
-        self._quiet.clear()
-
-
-@dataclass
 class Services:
     """What every session of one bridge uses."""
 
@@ -117,7 +89,7 @@ class Session(WebSocketServerProtocol):
         self.can_write = False
         self.messages = 0
         self.peer_name = request.peer
-        self.refusals = RefusalLog(self.peer_name)
+        self.refusals = RateLimitedLog(log, self.peer_name)
         token = (request.params.get("token") or [None])[0]
         if token is not None:
             self.can_write = self.services.tokens.check(token)
@@ -134,8 +106,9 @@ class Session(WebSocketServerProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         outbox = getattr(self, "outbox", None)
-        if outbox is not None:
-            outbox.close()
+        if outbox is None:
+            return  # the handshake never completed: nothing was opened
+        outbox.close()
         self.services.sessions.discard(self)
         self.closed()
         refusals = getattr(self, "refusals", None)
