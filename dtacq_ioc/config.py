@@ -193,7 +193,7 @@ class BridgeConfig:
     slow_client_timeout_s: float = 30.0
     max_message_bytes: int = 65536
     max_subscriptions: int = 5000  # PVs per WebSocket client
-    max_pending_searches: int = 1000  # names per client still being looked up
+    max_pending_searches: int = 200  # names per client looked up at once (the rest wait)
     search_timeout_s: float = 3.0  # a name no server answers within this is forgotten
 
 

@@ -5,9 +5,11 @@ Client -> bridge: subscribe/monitor, clear, list, write, ping, echo (and our
 changed), `list`, `error`. Arrays go at the IOC's rate; a client that cannot
 keep up gets the latest value per PV (see outbox.py).
 
-Each client may hold `max_subscriptions` PVs and have `max_pending_searches` of
-them still being looked up; past either, names are refused in one error line. A
-name no server answers is reported, stays in the client's list, and is otherwise
+Each client may hold `max_subscriptions` PVs (past it, names are refused in one
+error line), of which `max_pending_searches` are looked up at once; the others
+wait their turn as names only, so what a client asks for costs the bridge and
+caproto a bounded amount whatever it asks. A name no server answers within
+`search_timeout_s` is reported, stays in the client's list, and is otherwise
 forgotten (subscribing to it again searches again).
 """
 
@@ -30,15 +32,18 @@ class PvwsSession(Session):
 
     def onOpen(self) -> None:
         self.subs: dict[str, bool] = {}  # PV name -> first (full) update sent
-        self.searching: set[str] = set()  # subscribed names no server has answered yet
-        self.missing: set[str] = set()  # subscribed names nobody served: the source forgot them
+        # Every name in subs is in at most one of these (else it is simply subscribed):
+        self.waiting: dict[str, None] = {}  # not yet asked of the source (in order)
+        self.searching: set[str] = set()  # asked; no server has answered yet
+        self.missing: set[str] = set()  # nobody served it: the source forgot it
         super().onOpen()
 
     def closed(self) -> None:
         for name in list(getattr(self, "subs", {})):
-            if name not in self.missing:
+            if name not in self.missing and name not in self.waiting:
                 self.services.source.unsubscribe(name, self)
         self.subs = {}
+        self.waiting = {}
         self.searching = set()
         self.missing = set()
 
@@ -56,7 +61,9 @@ class PvwsSession(Session):
     def pv_update(self, entry: PvEntry, delta: Delta) -> None:
         if entry.name not in self.subs:
             return
-        self.searching.discard(entry.name)
+        if entry.name in self.searching:
+            self.searching.discard(entry.name)
+            self._ask_waiting()
         if not self.subs[entry.name]:
             self._send_full(entry)
         else:
@@ -66,12 +73,15 @@ class PvwsSession(Session):
         name = entry.name
         if name not in self.subs:
             return
-        self.searching.discard(name)
+        if name in self.searching:
+            self.searching.discard(name)
+            self._ask_waiting()
         if self.services.source.entries.get(name) is not entry:
             self.missing.add(name)  # forgotten by the source: no more news of it
         text = f"PV {name} not found: no Channel Access server answered"
         self.refusals.note("names not found", text)
-        self.error(text, name)
+        notice = {"type": "error", "message": text, "pv": name}
+        self.outbox.notice(name, json.dumps(notice, separators=(",", ":")).encode())
         self.outbox.update(name, {"severity": "UNDEFINED", "connected": False})
 
     def _send_full(self, entry: PvEntry) -> None:
@@ -94,11 +104,14 @@ class PvwsSession(Session):
             for name in _names(message):
                 if self.subs.pop(name, None) is not None:
                     self.outbox.forget(name)
-                    self.searching.discard(name)
                     if name in self.missing:
                         self.missing.discard(name)
+                    elif name in self.waiting:
+                        del self.waiting[name]  # never asked of the source
                     else:
+                        self.searching.discard(name)
                         self.services.source.unsubscribe(name, self)
+            self._ask_waiting()
         elif kind == "list":
             self.send_json({"type": "list", "pvs": sorted(self.subs)})
         elif kind == "write":
@@ -113,36 +126,39 @@ class PvwsSession(Session):
             raise BadRequest(f"unknown message type {kind[:64]!r}")
 
     def _subscribe(self, names: list[str]) -> None:
-        cfg = self.services.config.bridge
-        source = self.services.source
-        full = soon = 0  # names refused: too many PVs, too many still being looked up
+        limit = self.services.config.bridge.max_subscriptions
+        refused = 0
         for name in dict.fromkeys(names):
-            if name in self.subs and name not in self.missing:
+            if name in self.missing:
+                self.missing.discard(name)  # asked again: search again
+            elif name in self.subs:
                 continue
-            if name not in self.subs and len(self.subs) >= cfg.max_subscriptions:
-                full += 1
+            elif len(self.subs) >= limit:
+                refused += 1
                 continue
-            entry = source.entries.get(name)
-            searches = entry is None or entry.searching
-            if searches and len(self.searching) >= cfg.max_pending_searches:
-                soon += 1
-                continue
-            self.missing.discard(name)
             self.subs[name] = False
+            self.waiting[name] = None
+        self._ask_waiting()
+        if refused:
+            raise BadRequest(
+                f"{refused} PV names refused: at most {limit} PVs per connection (clear some first)"
+            )
+
+    def _ask_waiting(self) -> None:
+        """Ask the source for waiting names, in order, while fewer than the limit are being
+        looked up (a name the source already has, found or being searched, costs nothing)."""
+        source = self.services.source
+        limit = self.services.config.bridge.max_pending_searches
+        while self.waiting:
+            name = next(iter(self.waiting))
+            new = name not in source.entries
+            if new and len(self.searching) >= limit:
+                return
+            del self.waiting[name]
             entry = source.subscribe(name, self)
-            if entry.searching:
+            if new:
                 self.searching.add(name)
             self._send_full(entry)
-        why = []
-        if full:
-            why.append(f"at most {cfg.max_subscriptions} PVs per connection (clear some first)")
-        if soon:
-            why.append(
-                f"at most {cfg.max_pending_searches} names may be looked up at once "
-                "(subscribe again once those are answered)"
-            )
-        if why:
-            raise BadRequest(f"{full + soon} PV names refused: {'; '.join(why)}")
 
     def _write(self, message: dict[str, Any]) -> None:
         name = message.get("pv")
