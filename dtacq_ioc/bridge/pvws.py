@@ -146,9 +146,14 @@ class PvwsSession(Session):
 
     def _ask_waiting(self) -> None:
         """Ask the source for waiting names, in order, while fewer than the limit are being
-        looked up (a name the source already has, found or being searched, costs nothing)."""
+        looked up (a name the source already has, found or being searched, costs nothing).
+
+        Refilled only once half the searches have ended: caproto re-sends every unanswered
+        search whenever one starts, so names started one by one would each cost a burst."""
         source = self.services.source
         limit = self.services.config.bridge.max_pending_searches
+        if len(self.searching) > limit // 2:
+            return
         while self.waiting:
             name = next(iter(self.waiting))
             new = name not in source.entries
