@@ -218,6 +218,9 @@ class BridgeConfig:
     # Client addresses or networks allowed to write on the legacy endpoint without a token
     # (the old page cannot send one); empty = none.
     legacy_write_hosts: tuple[str, ...] = ()
+    max_subscriptions: int = 5000  # PVs per WebSocket client
+    max_pending_searches: int = 200  # names per client looked up at once (the rest wait)
+    search_timeout_s: float = 3.0  # a name no server answers within this is forgotten
 
 
 @dataclass(frozen=True)
@@ -681,6 +684,9 @@ def _bridge(t: _Table) -> BridgeConfig:
         slow_client_timeout_s=t.positive("slow_client_timeout_s", float, d.slow_client_timeout_s),
         max_message_bytes=t.positive("max_message_bytes", int, d.max_message_bytes),
         legacy_write_hosts=t.strings("legacy_write_hosts"),
+        max_subscriptions=t.positive("max_subscriptions", int, d.max_subscriptions),
+        max_pending_searches=t.positive("max_pending_searches", int, d.max_pending_searches),
+        search_timeout_s=t.positive("search_timeout_s", float, d.search_timeout_s),
     )
     if b.legacy_port and b.legacy_port == b.port:
         t.error(t.path("legacy_port"), f"{b.legacy_port} is also bridge.port")

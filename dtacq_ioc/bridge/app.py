@@ -28,7 +28,10 @@ def ensure_reactor(loop: asyncio.AbstractEventLoop) -> Any:
     if "twisted.internet.reactor" not in sys.modules:
         from twisted.internet import asyncioreactor
 
+        from dtacq_ioc.bridge.twistedlog import start_twisted_logging
+
         asyncioreactor.install(loop)
+        start_twisted_logging()
     from twisted.internet import reactor
 
     if getattr(reactor, "_asyncioEventloop", None) is not loop:
@@ -81,7 +84,7 @@ async def start_bridge(config: Config, loop: asyncio.AbstractEventLoop | None = 
     from dtacq_ioc.bridge.source import PvSource
 
     cfg = config.bridge
-    source = PvSource()
+    source = PvSource(search_timeout_s=cfg.search_timeout_s)
     await source.start()
     services = Services(config=config, source=source, tokens=TokenCheck.for_bridge(cfg))
     if not services.tokens.enabled:

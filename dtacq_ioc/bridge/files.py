@@ -6,11 +6,26 @@ import json
 import os
 from typing import Any
 
-from twisted.web.resource import NoResource, Resource
+from twisted.web.pages import errorPage, notFound
+from twisted.web.resource import Resource
 from twisted.web.static import File
 
 
-class WebFiles(File):
+class Files(File):
+    """Files whose URL segments must be file names: a segment that cannot be one (not
+    UTF-8, or holding a NUL) is a clean 400, never an exception and its traceback."""
+
+    def getChild(self, path: bytes, request: Any) -> Any:
+        try:
+            name = path.decode("utf-8")
+        except UnicodeDecodeError:
+            return errorPage(400, "Bad Request", "A path segment is not UTF-8 text.")
+        if "\0" in name:
+            return errorPage(400, "Bad Request", "A path segment holds a NUL character.")
+        return super().getChild(path, request)
+
+
+class WebFiles(Files):
     """The page; no directory listings."""
 
     def directoryListing(self) -> Any:
@@ -31,7 +46,7 @@ class CardList(Resource):
         return self.body
 
 
-class DataFiles(File):
+class DataFiles(Files):
     """Run files under one directory; nothing resolves (by `..` or symlink) outside it."""
 
     def __init__(self, path: str, *args: Any, **kwargs: Any):
@@ -43,7 +58,7 @@ class DataFiles(File):
         if isinstance(child, File):
             real = os.path.realpath(child.path)
             if real != self.root and not real.startswith(self.root + os.sep):
-                return NoResource("No such file.")
+                return notFound("No Such Resource", "No such file.")
         return child
 
     def createSimilarFile(self, path: str) -> DataFiles:

@@ -4,6 +4,8 @@ The outbox is the push producer Twisted pauses when about 64 KiB wait unsent.
 While paused, updates for a PV merge into one pending update (latest value wins,
 fields that changed meanwhile kept), so memory per client is bounded by the
 number of PVs it watches; a client paused longer than the timeout is dropped.
+Notices about one PV (it was not found) are kept the same way, one per PV:
+a thousand names not found at once must not count as a thousand unread replies.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Outbox:
         self.closed = False
         self.pending: dict[str, dict[str, Any]] = {}
         self.replies: deque[tuple[bytes, bool]] = deque()
+        self.notices: dict[str, bytes] = {}
         self._timer: asyncio.TimerHandle | None = None
         self.sent_updates = 0
         self.merged_updates = 0
@@ -70,10 +73,23 @@ class Outbox:
             return
         self.replies.append((payload, binary))
 
+    def notice(self, name: str, payload: bytes) -> None:
+        """A message about one PV: while the client is not reading, the latest per PV."""
+        if self.closed:
+            return
+        if not self.paused and not self.replies and not self.notices:
+            self.protocol.sendMessage(payload)
+            return
+        self.notices.pop(name, None)  # re-inserted last: notices keep their order
+        self.notices[name] = payload
+
     def _flush(self) -> None:
         while self.replies and not self.paused and not self.closed:
             payload, binary = self.replies.popleft()
             self.protocol.sendMessage(payload, isBinary=binary)
+        while self.notices and not self.paused and not self.closed:
+            name = next(iter(self.notices))
+            self.protocol.sendMessage(self.notices.pop(name))
         while self.pending and not self.paused and not self.closed:
             name = next(iter(self.pending))
             fields = self.pending.pop(name)
@@ -82,6 +98,7 @@ class Outbox:
 
     def forget(self, name: str) -> None:
         self.pending.pop(name, None)
+        self.notices.pop(name, None)
 
     # -- IPushProducer --
 
@@ -118,6 +135,7 @@ class Outbox:
         self.closed = True
         self.pending.clear()
         self.replies.clear()
+        self.notices.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -4,6 +4,13 @@ Client -> bridge: subscribe/monitor, clear, list, write, ping, echo (and our
 `auth`). Bridge -> client: `update` messages (metadata first, then what
 changed), `list`, `error`. Arrays go at the IOC's rate; a client that cannot
 keep up gets the latest value per PV (see outbox.py).
+
+Each client may hold `max_subscriptions` PVs (past it, names are refused in one
+error line), of which `max_pending_searches` are looked up at once; the others
+wait their turn as names only, so what a client asks for costs the bridge and
+caproto a bounded amount whatever it asks. A name no server answers within
+`search_timeout_s` is reported, stays in the client's list, and is otherwise
+forgotten (subscribing to it again searches again).
 """
 
 from __future__ import annotations
@@ -17,7 +24,6 @@ from dtacq_ioc.bridge.source import Delta, PvEntry, WriteRefused
 
 log = logging.getLogger(__name__)
 
-MAX_PVS_PER_CLIENT = 5000
 MAX_NAME = 256
 
 
@@ -26,12 +32,20 @@ class PvwsSession(Session):
 
     def onOpen(self) -> None:
         self.subs: dict[str, bool] = {}  # PV name -> first (full) update sent
+        # Every name in subs is in at most one of these (else it is simply subscribed):
+        self.waiting: dict[str, None] = {}  # not yet asked of the source (in order)
+        self.searching: set[str] = set()  # asked; no server has answered yet
+        self.missing: set[str] = set()  # nobody served it: the source forgot it
         super().onOpen()
 
     def closed(self) -> None:
         for name in list(getattr(self, "subs", {})):
-            self.services.source.unsubscribe(name, self)
+            if name not in self.missing and name not in self.waiting:
+                self.services.source.unsubscribe(name, self)
         self.subs = {}
+        self.waiting = {}
+        self.searching = set()
+        self.missing = set()
 
     def encode_update(self, name: str, fields: dict[str, Any]) -> bytes:
         return json.dumps({"type": "update", "pv": name, **fields}, separators=(",", ":")).encode()
@@ -47,15 +61,28 @@ class PvwsSession(Session):
     def pv_update(self, entry: PvEntry, delta: Delta) -> None:
         if entry.name not in self.subs:
             return
+        if entry.name in self.searching:
+            self.searching.discard(entry.name)
+            self._ask_waiting()
         if not self.subs[entry.name]:
             self._send_full(entry)
         else:
             self.outbox.update(entry.name, delta.fields, delta.json())
 
     def pv_missing(self, entry: PvEntry) -> None:
-        if entry.name in self.subs:
-            self.error(f"PV {entry.name} not found: no Channel Access server answered", entry.name)
-            self.outbox.update(entry.name, {"severity": "UNDEFINED", "connected": False})
+        name = entry.name
+        if name not in self.subs:
+            return
+        if name in self.searching:
+            self.searching.discard(name)
+            self._ask_waiting()
+        if self.services.source.entries.get(name) is not entry:
+            self.missing.add(name)  # forgotten by the source: no more news of it
+        text = f"PV {name} not found: no Channel Access server answered"
+        self.refusals.note("names not found", text)
+        notice = {"type": "error", "message": text, "pv": name}
+        self.outbox.notice(name, json.dumps(notice, separators=(",", ":")).encode())
+        self.outbox.update(name, {"severity": "UNDEFINED", "connected": False})
 
     def _send_full(self, entry: PvEntry) -> None:
         if not entry.connected or not entry.fields:
@@ -77,7 +104,14 @@ class PvwsSession(Session):
             for name in _names(message):
                 if self.subs.pop(name, None) is not None:
                     self.outbox.forget(name)
-                    self.services.source.unsubscribe(name, self)
+                    if name in self.missing:
+                        self.missing.discard(name)
+                    elif name in self.waiting:
+                        del self.waiting[name]  # never asked of the source
+                    else:
+                        self.searching.discard(name)
+                        self.services.source.unsubscribe(name, self)
+            self._ask_waiting()
         elif kind == "list":
             self.send_json({"type": "list", "pvs": sorted(self.subs)})
         elif kind == "write":
@@ -92,12 +126,43 @@ class PvwsSession(Session):
             raise BadRequest(f"unknown message type {kind[:64]!r}")
 
     def _subscribe(self, names: list[str]) -> None:
-        new = [n for n in dict.fromkeys(names) if n not in self.subs]
-        if len(self.subs) + len(new) > MAX_PVS_PER_CLIENT:
-            raise BadRequest(f"at most {MAX_PVS_PER_CLIENT} PVs per connection")
-        for name in new:
+        limit = self.services.config.bridge.max_subscriptions
+        refused = 0
+        for name in dict.fromkeys(names):
+            if name in self.missing:
+                self.missing.discard(name)  # asked again: search again
+            elif name in self.subs:
+                continue
+            elif len(self.subs) >= limit:
+                refused += 1
+                continue
             self.subs[name] = False
-            entry = self.services.source.subscribe(name, self)
+            self.waiting[name] = None
+        self._ask_waiting()
+        if refused:
+            raise BadRequest(
+                f"{refused} PV names refused: at most {limit} PVs per connection (clear some first)"
+            )
+
+    def _ask_waiting(self) -> None:
+        """Ask the source for waiting names, in order, while fewer than the limit are being
+        looked up (a name the source already has, found or being searched, costs nothing).
+
+        Refilled only once half the searches have ended: caproto re-sends every unanswered
+        search whenever one starts, so names started one by one would each cost a burst."""
+        source = self.services.source
+        limit = self.services.config.bridge.max_pending_searches
+        if len(self.searching) > limit // 2:
+            return
+        while self.waiting:
+            name = next(iter(self.waiting))
+            new = name not in source.entries
+            if new and len(self.searching) >= limit:
+                return
+            del self.waiting[name]
+            entry = source.subscribe(name, self)
+            if new:
+                self.searching.add(name)
             self._send_full(entry)
 
     def _write(self, message: dict[str, Any]) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,12 +33,17 @@ from dtacq_ioc.bridge.encode import (
     severity_name,
     stamp_fields,
 )
+from dtacq_ioc.bridge.searches import forget_search
 from dtacq_ioc.contract import TEXT_SUFFIXES  # the IOC's long strings; others by content
 
 log = logging.getLogger(__name__)
 
 
 DESC_TIMEOUT_S = 2.0  # how long to look for a record's DESC field
+# caproto's PV objects (and the timeouts' tracebacks) form reference cycles: forgotten
+# ones are freed only by a full collection, which a busy process seldom runs by itself;
+# meanwhile thousands pile up and leave the heap fragmented (RSS that never comes back).
+FORGOTTEN_PER_COLLECT = 500
 
 
 class WriteRefused(Exception):
@@ -73,7 +80,8 @@ class PvEntry:
     pv: Any = None
     shape: Shape | None = None
     connected: bool = False
-    missing: bool = False  # no server answered the search in time
+    searching: bool = True  # no server has answered the name search yet
+    missing: bool = False  # no server answered in time, or the channel did not connect
     meta: dict[str, Any] = field(default_factory=dict)
     fields: dict[str, Any] = field(default_factory=dict)  # latest value fields
     value: Any = None  # latest value as Python/numpy (for the nEDM protocol)
@@ -106,6 +114,7 @@ class PvSource:
         self.io_timeout_s = io_timeout_s
         self.context: Context | None = None
         self.entries: dict[str, PvEntry] = {}
+        self._forgotten = 0  # names forgotten since the last garbage collection
 
     async def start(self) -> None:
         self.context = Context(timeout=self.io_timeout_s)
@@ -138,7 +147,24 @@ class PvSource:
         entry.listeners.discard(listener)
         if not entry.listeners:
             del self.entries[name]
-            asyncio.get_running_loop().create_task(self._drop(entry))
+            if entry.searching:
+                # Now, not in the cancelled task: a new subscriber must get a new search.
+                if entry.task:
+                    entry.task.cancel()
+                self._forget(entry.name)
+            else:
+                asyncio.get_running_loop().create_task(self._drop(entry))
+
+    def _forget(self, name: str) -> None:
+        if self.context is not None and forget_search(self.context, name):
+            self._forgotten += 1
+            if self._forgotten >= FORGOTTEN_PER_COLLECT:
+                self._forgotten = 0
+                t0 = time.perf_counter()
+                gc.collect()
+                log.debug(
+                    "collected after forgetting names: %.1f ms", 1e3 * (time.perf_counter() - t0)
+                )
 
     async def _drop(self, entry: PvEntry) -> None:
         if entry.task:
@@ -154,6 +180,12 @@ class PvSource:
         assert self.context is not None
         (pv,) = await self.context.get_pvs(entry.name, timeout=self.io_timeout_s)
         entry.pv = pv
+        try:
+            await pv.wait_for_search(timeout=self.search_timeout_s)
+        except TimeoutError:  # caproto's own timeout error is one
+            self._not_found(entry, f"no server answered within {self.search_timeout_s:g} s")
+            return
+        entry.searching = False
 
         async def on_state(_pv: Any, state: str) -> None:
             await self._state_changed(entry, state)
@@ -170,9 +202,23 @@ class PvSource:
             await pv.wait_for_connection(timeout=self.search_timeout_s)
         except Exception:
             entry.missing = True
-            log.info("PV %s: no server answered within %.1f s", entry.name, self.search_timeout_s)
+            wait = self.search_timeout_s
+            log.info("PV %s: found, but not connected within %.1f s", entry.name, wait)
             for listener in list(entry.listeners):
                 listener.pv_missing(entry)
+
+    def _not_found(self, entry: PvEntry, why: str) -> None:
+        """Forget a name no server answered: it costs nothing more (see searches.py)."""
+        entry.searching = False
+        entry.missing = True
+        if self.entries.get(entry.name) is entry:
+            del self.entries[entry.name]
+        self._forget(entry.name)
+        # One line per name would let a client fill the log; sessions summarise.
+        log.debug("PV %s: %s; forgotten", entry.name, why)
+        for listener in list(entry.listeners):
+            listener.pv_missing(entry)
+        entry.listeners.clear()
 
     async def _state_changed(self, entry: PvEntry, state: str) -> None:
         if state == "connected":
@@ -216,12 +262,19 @@ class PvSource:
     async def _describe(self, entry: PvEntry) -> None:
         """Add the record's DESC field, when the server has one (not every CA server does)."""
         assert self.context is not None
+        name = entry.name + ".DESC"
+        found = False
         try:
-            (desc,) = await self.context.get_pvs(entry.name + ".DESC", timeout=DESC_TIMEOUT_S)
+            (desc,) = await self.context.get_pvs(name, timeout=DESC_TIMEOUT_S)
+            await desc.wait_for_search(timeout=DESC_TIMEOUT_S)
+            found = True
             await desc.wait_for_connection(timeout=DESC_TIMEOUT_S)
             reading = await desc.read(timeout=DESC_TIMEOUT_S)
         except Exception:
             return
+        finally:
+            if not found and name not in self.entries:
+                self._forget(name)  # a server without record fields: nothing to keep
         raw = reading.data[0] if len(reading.data) else b""
         text = raw.decode("latin-1") if isinstance(raw, bytes) else str(raw)
         if text:
