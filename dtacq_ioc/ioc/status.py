@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from caproto import AlarmSeverity, AlarmStatus, ChannelType
 
 from dtacq_ioc import __version__
+from dtacq_ioc.archive.catalog import Catalog
 from dtacq_ioc.config import Config
 from dtacq_ioc.ioc import pvs
 
@@ -91,7 +92,7 @@ class IocStatus:
         self,
         config: Config,
         controllers: Sequence[CardController],
-        catalog: Any,
+        catalog: Catalog,
         notifier: StatusSink | None = None,
         fanout: Fanout | None = None,
     ):
