@@ -111,7 +111,7 @@ class IocStatus:
         self._alarm: tuple[AlarmStatus, AlarmSeverity] | None = None
         self._delivery = ""
 
-    def pv(self, suffix: str):
+    def pv(self, suffix: str) -> Any:
         return self.pvdb[self.config.ioc.prefix + suffix]
 
     async def run(self) -> None:
