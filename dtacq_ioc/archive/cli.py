@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -99,7 +99,7 @@ def _upload_text(catalog: SqliteCatalog, record: RunRecord) -> str:
 def _list(out: Console, catalog: SqliteCatalog, limit: int) -> int:
     runs = catalog.list_runs(limit=limit)
     table = Table(title=f"runs in {catalog.path}" if runs else "no runs yet")
-    for name, justify in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("run", "left"),
         ("card", "left"),
         ("started (UTC)", "left"),
@@ -112,8 +112,9 @@ def _list(out: Console, catalog: SqliteCatalog, limit: int) -> int:
         ("overruns", "right"),
         ("upload", "left"),
         ("measurement", "left"),
-    ):
-        table.add_column(name, justify=justify, no_wrap=name == "run")  # type: ignore[arg-type]
+    )
+    for name, justify in columns:
+        table.add_column(name, justify=justify, no_wrap=name == "run")
     for r in runs:
         seconds = "" if r.stopped is None else f"{r.stopped - r.started:.1f}"
         table.add_row(

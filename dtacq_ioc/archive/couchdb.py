@@ -177,7 +177,8 @@ class CouchClient:
         """Query a view; keys are JSON-encoded and booleans spelled as CouchDB wants."""
         query = {k: _view_param(k, v) for k, v in params.items()}
         path = self.db_path("_design", ddoc, "_view", name)
-        return self.request("GET", path, params=query).json()
+        answer: dict[str, Any] = self.request("GET", path, params=query).json()
+        return answer
 
     # -- files -------------------------------------------------------------------
 

@@ -135,7 +135,7 @@ class DigWriter:
         self._advised = 0
         self._write(encode_header(header))
 
-    def _write(self, data: Any) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         assert self._file is not None, f"{self.path} is closed"
         view = memoryview(data).cast("B")
         # Unbuffered files may write less than asked: loop until all is out.
@@ -146,9 +146,9 @@ class DigWriter:
         self._hash.update(view)
         self.size += len(view)
         if self._fd is not None and self.size - self._advised >= WRITEBACK_BYTES:
-            self._write_back()
+            self._write_back(self._fd)
 
-    def _write_back(self) -> None:
+    def _write_back(self, fd: int) -> None:
         """Start writing the last stretch to disk now and drop what is already there.
 
         Without it gigabytes of a run sit dirty in the page cache, and the fsync at
@@ -156,7 +156,7 @@ class DigWriter:
         """
         start = max(0, self._advised - WRITEBACK_BYTES)
         try:
-            os.posix_fadvise(self._fd, start, self.size - start, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, start, self.size - start, os.POSIX_FADV_DONTNEED)
         except OSError:
             self._fd = None  # not a regular file (a pipe, a test double): nothing to advise
         self._advised = self.size
@@ -166,11 +166,13 @@ class DigWriter:
         if isinstance(data, np.ndarray):
             if data.dtype != self.dtype and data.size:
                 raise ValueError(f"{self.path.name}: data is {data.dtype}, file is {self.dtype}")
-            data = np.ascontiguousarray(data)
-        n = memoryview(data).nbytes
+            view = np.ascontiguousarray(data).data
+        else:
+            view = memoryview(data)
+        n = view.nbytes
         if n % self.sample_bytes:
             raise ValueError(f"{self.path.name}: {n} bytes is not whole samples")
-        self._write(data)
+        self._write(view)
         self.samples += n // self.sample_bytes
         return n
 
@@ -237,6 +239,7 @@ def map_dig(path: str | os.PathLike[str]) -> tuple[dict[str, Any], np.ndarray, i
     nchan = len(header["channel_list"])
     row = dtype.itemsize * nchan
     rows = (p.stat().st_size - offset) // row if row else 0
+    data: np.ndarray
     if rows > 0:
         data = np.memmap(p, dtype=dtype, mode="r", offset=offset, shape=(rows, nchan))
     else:

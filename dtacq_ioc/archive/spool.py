@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -299,7 +300,7 @@ class Spool:
                 if not client.file_confirmed(doc, f, digest):
                     raise CouchError(f"run {entry.run_id}: server does not show {f.name} complete")
             entry.confirmed.append(f.name)
-            self._merge(entry, lambda e, name=f.name: _confirm(e, name))
+            self._merge(entry, partial(_confirm, name=f.name))
         sending.clear()
         if entry.final:
             extras = {EXTRAS_KEY: entry.document[EXTRAS_KEY]}

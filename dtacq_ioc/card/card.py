@@ -114,9 +114,9 @@ class Card:
         fpga = k0.query("fpga_version")
         sites: dict[int, SiteInfo] = {}
         for site in parse_sitelist(k0.query("SITELIST")):
-            info = self._identify_site(site, fpga)
-            if info is not None:
-                sites[site] = info
+            site_info = self._identify_site(site, fpga)
+            if site_info is not None:
+                sites[site] = site_info
         info = CardInfo(
             model=k0.query("MODEL"),
             hostname=k0.query("HN"),

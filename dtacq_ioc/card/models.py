@@ -8,6 +8,7 @@ disagree (ACQ437 gain labels) the labels are a default that a config overrides.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 SPAD_SETTING = "1,2,0"
 
@@ -67,7 +68,13 @@ class ModuleSpec:
         return None
 
 
-_SAR_GAINS = dict(
+class _Gains(TypedDict):
+    gain_codes: tuple[int, ...]
+    gain_ranges_v: tuple[float, ...]
+    gain_labels: tuple[str, ...]
+
+
+_SAR_GAINS = _Gains(
     gain_codes=(0, 1, 2, 3),
     gain_ranges_v=(10.0, 5.0, 2.5, 1.25),
     gain_labels=("x1", "x2", "x4", "x8"),

@@ -20,21 +20,25 @@ from dtacq_ioc.config import SshConfig
 log = logging.getLogger(__name__)
 
 
-class _SaveNewKey(paramiko.MissingHostKeyPolicy):
+class _SaveNewKey(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]  # paramiko is untyped
     """auto-add that also writes the key, so the next connection checks against it."""
 
     def __init__(self, path: str | None):
         self.path = path
 
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key) -> None:
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
         client.get_host_keys().add(hostname, key.get_name(), key)
         log.warning("%s: accepted new host key %s", hostname, key.get_name())
         if self.path:
             client.save_host_keys(self.path)
 
 
-class _LogUnknownKey(paramiko.MissingHostKeyPolicy):
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key) -> None:
+class _LogUnknownKey(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]  # paramiko is untyped
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
         log.warning("%s: unknown host key %s accepted (policy warn)", hostname, key.get_name())
 
 
@@ -108,7 +112,8 @@ class SshClient:
             transport = channel.get_transport()
             if channel.closed or not transport.is_active() or time.monotonic() > deadline:
                 return None
-        return channel.recv_exit_status()
+        status: int = channel.recv_exit_status()
+        return status
 
     def reboot(self) -> None:
         """Ask the card to reboot; the connection may drop before any reply."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dtacq_ioc.archive.catalog import open_catalog
+from dtacq_ioc.archive.sqlite import SqliteCatalog
 from dtacq_ioc.config import Config
 from dtacq_ioc.ioc import caproto_adapter, pvs
 from dtacq_ioc.ioc.autosave import Autosave
@@ -37,7 +38,7 @@ class Ioc:
     def __init__(self, config: Config, status_sink: StatusSink | None = None):
         self.config = config
         self.status_sink = status_sink
-        self.catalog: Any = None
+        self.catalog: SqliteCatalog | None = None
         self.controllers: list[CardController] = []
         self.pvdb: dict[str, Any] = {}
         self.tasks: list[asyncio.Task[Any]] = []

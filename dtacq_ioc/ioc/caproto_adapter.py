@@ -101,7 +101,8 @@ def forget_cached_reads(pv: Any) -> None:
 
 async def read_for_subscription(pv: Any, data_type: Any) -> tuple[Any, Any]:
     """(metadata, values) as caproto sends them to a subscription of `data_type`."""
-    return await pv._read(data_type)
+    reading: tuple[Any, Any] = await pv._read(data_type)
+    return reading
 
 
 async def send_by_caproto(context: Any, spec: Any, sub: Any, **kwargs: Any) -> None:
@@ -111,11 +112,13 @@ async def send_by_caproto(context: Any, spec: Any, sub: Any, **kwargs: Any) -> N
 
 def circuit_transport(circuit: Any) -> asyncio.Transport:
     """The asyncio transport of a server circuit's client socket."""
-    return circuit.client.writer.transport
+    transport: asyncio.Transport = circuit.client.writer.transport
+    return transport
 
 
 def circuit_writer(circuit: Any) -> asyncio.StreamWriter:
-    return circuit.client.writer
+    writer: asyncio.StreamWriter = circuit.client.writer
+    return writer
 
 
 # -- puts in progress --------------------------------------------------------------------

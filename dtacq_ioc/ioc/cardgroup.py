@@ -138,7 +138,7 @@ def buffer_type(sites: list[SiteLayout]) -> ChannelType:
     return ChannelType.INT if buffer_word(sites) == 2 else ChannelType.LONG
 
 
-def _card_pvs(card: CardConfig, sites: list[SiteLayout], h: Handlers) -> dict:
+def _card_pvs(card: CardConfig, sites: list[SiteLayout], h: Handlers) -> dict[str, Any]:
     """The card-level PVs. LINK: the value comes from the card (INVALID while it is away)."""
     specs = [s.spec for s in sites]
     clk_lo = max(s.min_clkdiv for s in specs)
@@ -190,7 +190,7 @@ def _card_pvs(card: CardConfig, sites: list[SiteLayout], h: Handlers) -> dict:
     }  # fmt: skip
 
 
-def _run_pvs(run: RunHandlers) -> dict:
+def _run_pvs(run: RunHandlers) -> dict[str, Any]:
     """Run control and run readbacks."""
     p = pvs
     return {
@@ -233,7 +233,7 @@ def _run_pvs(run: RunHandlers) -> dict:
     }  # fmt: skip
 
 
-def _shot_pvs(sh: ShotHandlers, ss: ShotSettingHandlers) -> dict:
+def _shot_pvs(sh: ShotHandlers, ss: ShotSettingHandlers) -> dict[str, Any]:
     """Transient capture, named as D-TACQ's on-card IOC names it."""
     p, t = pvs, "MODE:TRANSIENT:"
     return {
@@ -268,7 +268,7 @@ def _shot_pvs(sh: ShotHandlers, ss: ShotSettingHandlers) -> dict:
     }  # fmt: skip
 
 
-def _stream_pvs(actions: ActionHandlers) -> dict:
+def _stream_pvs(actions: ActionHandlers) -> dict[str, Any]:
     """Stream figures and the card's actions."""
     p = pvs
     return {
@@ -284,7 +284,7 @@ def _stream_pvs(actions: ActionHandlers) -> dict:
     }  # fmt: skip
 
 
-def _site_pvs(s: SiteLayout, n: int, settings: SettingHandlers) -> dict:
+def _site_pvs(s: SiteLayout, n: int, settings: SettingHandlers) -> dict[str, Any]:
     spec, p, pre = s.spec, pvs, f"{s.site}:"
     raw_type = ChannelType.INT if spec.word_size == 2 else ChannelType.LONG
     nspec = n // 2 + 1
@@ -333,7 +333,7 @@ def _site_pvs(s: SiteLayout, n: int, settings: SettingHandlers) -> dict:
     return out
 
 
-def _channel_pvs(pre: str, ch: str, raw_type: ChannelType, n: int, nspec: int) -> dict:
+def _channel_pvs(pre: str, ch: str, raw_type: ChannelType, n: int, nspec: int) -> dict[str, Any]:
     """One channel's waveforms, spectrum and statistics (all from the card: LINK)."""
     p = pvs
     out = {}

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from dtacq_ioc.archive.catalog import Catalog
 from dtacq_ioc.card.card import Card
 from dtacq_ioc.config import ArchiveConfig, CardConfig, IocConfig
 from dtacq_ioc.ioc import pvs
@@ -39,7 +40,7 @@ class CardController:
         config: CardConfig,
         ioc: IocConfig,
         archive: ArchiveConfig,
-        catalog: Any,
+        catalog: Catalog,
         autosave: Autosave,
         triggers: TriggerRegistry,
         access: pvs.AccessRules | None = None,

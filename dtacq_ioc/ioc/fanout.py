@@ -97,7 +97,7 @@ class Fanout:
         self._batches: dict[Any, dict[int, _Entry]] = {}
         self._slow: dict[Any, dict[int, _Entry]] = {}
         self._flush: asyncio.Handle | None = None
-        self._drains: set[asyncio.Task] = set()
+        self._drains: set[asyncio.Task[None]] = set()
         self._slow_logged: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
     def send(self, spec: Any, sub: Any, message: Message) -> None:
@@ -229,17 +229,18 @@ class FanoutArray:
     def _fanout(self) -> Fanout | None:
         return getattr(self.group, "fanout", None)
 
-    async def subscribe(self, queue, sub_spec, sub):
+    async def subscribe(self, queue: Any, sub_spec: Any, sub: Any) -> None:
         contexts = self.__dict__.setdefault("_contexts", {})
         contexts[queue] = sub.circuit.context
         fanout = self._fanout()
         if fanout is None or not _plain(sub_spec) or not sub.circuit.events_on.is_set():
-            return await super().subscribe(queue, sub_spec, sub)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
+            await super().subscribe(queue, sub_spec, sub)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
+            return
         subscription_queues(self)[queue][None][sub_spec.data_type_name].add(sub_spec)
         # The first update goes the same way as the later ones, so it cannot overtake them.
         await self._send_one(fanout, sub.circuit.context, sub_spec, sub, 0, {})
 
-    async def publish(self, flags):
+    async def publish(self, flags: int) -> None:
         fanout = self._fanout()
         contexts = self.__dict__.get("_contexts", {})
         queues = subscription_queues(self)
@@ -248,7 +249,8 @@ class FanoutArray:
             or any(sync is not None for syncs in queues.values() for sync in syncs)
             or any(queue not in contexts for queue in queues)
         ):
-            return await super().publish(flags)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
+            await super().publish(flags)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
+            return
         forget_cached_reads(self)  # caproto's cache for new subscriptions: the value changed
         messages: dict[str, tuple[Any, Any, Message | None]] = {}
         for queue, syncs in queues.items():
@@ -258,7 +260,15 @@ class FanoutArray:
                     for sub in tuple(context.subscriptions.get(spec, ())):
                         await self._send_one(fanout, context, spec, sub, flags, messages)
 
-    async def _send_one(self, fanout, context, spec, sub, flags, messages) -> None:
+    async def _send_one(
+        self,
+        fanout: Fanout,
+        context: Any,
+        spec: Any,
+        sub: Any,
+        flags: int,
+        messages: dict[str, tuple[Any, Any, Message | None]],
+    ) -> None:
         """One subscription's update: by the Fanout when it can, else caproto's path.
 
         `messages` caches this update's reading and message per data type."""

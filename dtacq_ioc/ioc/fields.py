@@ -54,23 +54,23 @@ class _FieldMixin:
         return await super().read(data_type)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
 
 
-class _StringField(_FieldMixin, ChannelString):
+class _StringField(_FieldMixin, ChannelString):  # type: ignore[misc]  # caproto is untyped
     pass
 
 
-class _DoubleField(_FieldMixin, ChannelDouble):
+class _DoubleField(_FieldMixin, ChannelDouble):  # type: ignore[misc]  # caproto is untyped
     pass
 
 
-class _LongField(_FieldMixin, ChannelInteger):
+class _LongField(_FieldMixin, ChannelInteger):  # type: ignore[misc]  # caproto is untyped
     pass
 
 
-class _ShortField(_FieldMixin, ChannelShort):
+class _ShortField(_FieldMixin, ChannelShort):  # type: ignore[misc]  # caproto is untyped
     pass
 
 
-class _MenuField(_FieldMixin, ChannelEnum):
+class _MenuField(_FieldMixin, ChannelEnum):  # type: ignore[misc]  # caproto is untyped
     pass
 
 

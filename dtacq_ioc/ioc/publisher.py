@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from caproto import AlarmSeverity, AlarmStatus
 
+from dtacq_ioc.archive.catalog import Catalog
 from dtacq_ioc.contract import NO_YES
 from dtacq_ioc.ioc.cardgroup import CardPVs, SiteLayout, Update
 from dtacq_ioc.ioc.context import CardContext
@@ -75,7 +76,7 @@ class Publisher:
         ctx: CardContext,
         pvs: CardPVs,
         link: CardLink,
-        catalog: Any,
+        catalog: Catalog,
         triggers: TriggerRegistry,
         data_dir: Path,
     ):

@@ -83,7 +83,9 @@ class _Checked(WriteTracker):
             return rights & ~AccessRights.WRITE
         return rights
 
-    async def write_from_dbr(self, data: Any, data_type: Any, metadata: Any, *args, **kwargs):
+    async def write_from_dbr(
+        self, data: Any, data_type: Any, metadata: Any, *args: Any, **kwargs: Any
+    ) -> Any:
         try:
             if data_type == ChannelType.STRING and self.data_type not in _TEXT_TYPES:
                 # Text put to a number or enum: read it as EPICS base does ("12.7" -> 12).
@@ -192,13 +194,13 @@ class _Watched:
     the last client of that subscription goes, so a set of them is exact.
     """
 
-    async def subscribe(self, queue, sub_spec, sub):
+    async def subscribe(self, queue: Any, sub_spec: Any, sub: Any) -> None:
         self.__dict__.setdefault("_watchers", set()).add(sub_spec)
-        return await super().subscribe(queue, sub_spec, sub)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
+        await super().subscribe(queue, sub_spec, sub)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
 
-    async def unsubscribe(self, queue, sub_spec):
+    async def unsubscribe(self, queue: Any, sub_spec: Any) -> None:
         self.__dict__.setdefault("_watchers", set()).discard(sub_spec)
-        return await super().unsubscribe(queue, sub_spec)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
+        await super().unsubscribe(queue, sub_spec)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
 
     @property
     def watched(self) -> bool:
@@ -216,13 +218,13 @@ class _Derived:
     refresher: Refresher | None = None
     pvname: str
 
-    async def read(self, data_type):
+    async def read(self, data_type: Any) -> Any:
         await self._refresh()
         return await super().read(data_type)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
 
-    async def subscribe(self, queue, sub_spec, sub):
+    async def subscribe(self, queue: Any, sub_spec: Any, sub: Any) -> None:
         await self._refresh()
-        return await super().subscribe(queue, sub_spec, sub)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
+        await super().subscribe(queue, sub_spec, sub)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
 
     async def _refresh(self) -> None:
         if self.refresher is None:
@@ -247,7 +249,7 @@ def _writable(cls: type) -> type:
     return type(f"Checked{cls.__name__}", (RecordFields, _Checked, _Watched, cls), {})
 
 
-class CheckedGroup(PVGroup):
+class CheckedGroup(PVGroup):  # type: ignore[misc]  # caproto is untyped
     """A PVGroup whose PVs carry record fields, and whose writable PVs obey `access_rules`
     and report refusals to `refusal_sink` (both set on the instance)."""
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dtacq_ioc.archive.catalog import Catalog
 from dtacq_ioc.card.errors import CardError
 from dtacq_ioc.card.transient import (
     ShotData,
@@ -142,7 +143,7 @@ class ShotControl:
         ctx: CardContext,
         settings: CardSettings,
         runs: RunControl,
-        catalog: Any,
+        catalog: Catalog,
         data_dir: Path,
     ):
         self.ctx = ctx

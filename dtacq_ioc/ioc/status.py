@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from caproto import AlarmSeverity, AlarmStatus, ChannelType
 
 from dtacq_ioc import __version__
+from dtacq_ioc.archive.catalog import Catalog
 from dtacq_ioc.config import Config
 from dtacq_ioc.ioc import pvs
 
@@ -91,7 +92,7 @@ class IocStatus:
         self,
         config: Config,
         controllers: Sequence[CardController],
-        catalog: Any,
+        catalog: Catalog,
         notifier: StatusSink | None = None,
         fanout: Fanout | None = None,
         shot_arm: pvs.Handler | None = None,
@@ -115,7 +116,7 @@ class IocStatus:
         self._alarm: tuple[AlarmStatus, AlarmSeverity] | None = None
         self._delivery = ""
 
-    def pv(self, suffix: str):
+    def pv(self, suffix: str) -> Any:
         return self.pvdb[self.config.ioc.prefix + suffix]
 
     async def run(self) -> None:

@@ -71,7 +71,7 @@ class Snapshot:
 
     @property
     def samples(self) -> int:
-        return self.raw.shape[-1]
+        return int(self.raw.shape[-1])
 
     @property
     def timebase_s(self) -> np.ndarray:

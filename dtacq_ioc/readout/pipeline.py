@@ -13,10 +13,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from dtacq_ioc.archive.catalog import Catalog
 from dtacq_ioc.archive.dig import Opener
 from dtacq_ioc.card.stream import StreamClient
 from dtacq_ioc.config import ArchiveConfig, IocConfig
@@ -25,6 +25,7 @@ from dtacq_ioc.readout.display import DisplayStage
 from dtacq_ioc.readout.guarded import call_guarded
 from dtacq_ioc.readout.integrity import CounterCheck
 from dtacq_ioc.readout.run import Run, RunSettings, SettingsError, StreamInfo
+from dtacq_ioc.readout.streamcard import StreamCard
 from dtacq_ioc.readout.transform import ChannelMap, SiteChannels
 from dtacq_ioc.readout.triggers import TriggerRegistry
 
@@ -91,10 +92,10 @@ class Readout:
 
     def __init__(
         self,
-        card: Any,
+        card: StreamCard,
         ioc: IocConfig,
         archive: ArchiveConfig,
-        catalog: Any,
+        catalog: Catalog,
         triggers: TriggerRegistry | None = None,
         opener: Opener | None = None,
         on_state: Callable[[ReadoutStats], None] | None = None,
@@ -249,7 +250,7 @@ class Readout:
                 raise RunBusy(f"{self.card.name}: a run is already active ({self.run.run_id})")
             if not self.streaming:
                 raise SettingsError(f"{self.card.name}: the stream is not running")
-            assert self.layout is not None
+            assert self.layout is not None and self.card.info is not None  # streaming: connected
             # The card aggregates in site order whatever order a client lists them in.
             sites = tuple(sorted(set(settings.sites))) or self.layout.sites
             unknown = [s for s in sites if s not in self.card.info.sites]
@@ -336,12 +337,12 @@ class Readout:
         self.stop()
 
 
-def _layout_bytes(card: Any, sites: tuple[int, ...]) -> int:
+def _layout_bytes(card: StreamCard, sites: tuple[int, ...]) -> int:
     infos = [card.site_info(s) for s in sites]
     return StreamLayout(sites, tuple(i.nchan for i in infos), infos[0].word_size).sample_bytes
 
 
-def calibration(card: Any, layout: StreamLayout) -> tuple[dict[int, list[int]], ChannelMap]:
+def calibration(card: StreamCard, layout: StreamLayout) -> tuple[dict[int, list[int]], ChannelMap]:
     """The card's gains per site and the channel map they give (shifts, volts per code)."""
     sites = []
     gains: dict[int, list[int]] = {}

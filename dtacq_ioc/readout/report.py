@@ -8,26 +8,26 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
 
+from dtacq_ioc.archive.catalog import Catalog
 from dtacq_ioc.archive.records import RunFile, RunRecord
 
 log = logging.getLogger(__name__)
 
 
-def tell_catalog(catalog: Any, method: str, record: RunRecord) -> None:
-    """catalog.<method>(record), logging a failure (the catalog spools what it can't deliver,
-    so a failure here is a bug to see, not a reason to lose the run)."""
+def tell_catalog(report: Callable[[RunRecord], None], record: RunRecord) -> None:
+    """report(record), a catalog's method, logging a failure (the catalog spools what it can't
+    deliver, so a failure here is a bug to see, not a reason to lose the run)."""
     try:
-        getattr(catalog, method)(record)
+        report(record)
     except Exception:
-        log.exception("run %s: catalog %s failed", record.run_id, method)
+        log.exception("run %s: catalog %s failed", record.run_id, report.__name__)
 
 
 class RunReport:
     """One run's reports to its catalog; `make_record(state)` gives the run as it is now."""
 
-    def __init__(self, catalog: Any, make_record: Callable[[str], RunRecord]):
+    def __init__(self, catalog: Catalog, make_record: Callable[[str], RunRecord]):
         self.catalog = catalog
         self.make_record = make_record
         self.record: RunRecord | None = None  # the final one, once the run is done
@@ -45,18 +45,16 @@ class RunReport:
 
     def file_closed(self, f: RunFile) -> None:
         """Tell the catalog of each file as it closes (it may deliver it at once)."""
-        if not hasattr(self.catalog, "run_updated"):
-            return
         with self._lock:
             if self.record is not None:
                 return  # the final record has all the files
             self._closed.append(f)  # one closing thread: in order
             record = self.make_record("running")
             record.files = list(self._closed)
-            tell_catalog(self.catalog, "run_updated", record)
+            tell_catalog(self.catalog.run_updated, record)
 
     def finished(self, state: str) -> RunRecord:
         with self._lock:
             self.record = self.make_record(state)
-            tell_catalog(self.catalog, "run_finished", self.record)
+            tell_catalog(self.catalog.run_finished, self.record)
             return self.record

@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from dtacq_ioc.archive.catalog import Catalog
 from dtacq_ioc.archive.dig import (
     LEGACY_FIELDS,
     Opener,
@@ -112,8 +114,7 @@ class RunSettings:
         for ch in self.channel_list:
             if isinstance(ch, bool) or not isinstance(ch, int):
                 raise SettingsError(f"channel_list entries must be integers, not {ch!r}")
-        seen: set[int] = set()
-        dupes = sorted({c for c in self.channel_list if c in seen or seen.add(c)})  # linear
+        dupes = sorted(c for c, k in Counter(self.channel_list).items() if k > 1)
         if dupes:
             raise SettingsError(f"channel_list repeats channels {dupes}")
         if not isinstance(self.trigger, str) or not self.trigger.isidentifier():
@@ -299,7 +300,7 @@ class Run:
         settings: RunSettings,
         stream: StreamInfo,
         data_dir: Path,
-        catalog: Any,
+        catalog: Catalog,
         trigger: Trigger,
         on_counter_error: str = "stop",
         queue_buffers: int = 64,

@@ -102,7 +102,7 @@ def archive_shot(
         state="running",
         upload=settings.upload,
     )
-    tell_catalog(catalog, "run_started", record)
+    tell_catalog(catalog.run_started, record)
     files: list[RunFile] = []
     if settings.save_files and channels is not None and rows > 0:
         try:
@@ -119,7 +119,7 @@ def archive_shot(
     record.stopped = time.time()
     record.state = "fault" if fault else "complete"
     record.fault = fault
-    tell_catalog(catalog, "run_finished", record)
+    tell_catalog(catalog.run_finished, record)
     why = f" ({fault})" if fault else ""
     log.info("run %s: shot %d %s, %d samples%s", run_id, info.shot, record.state, rows, why)
     return record

@@ -22,14 +22,18 @@ def site_bit_shift(spec: ModuleSpec, word_size: int) -> int:
 def shift_codes(words: np.ndarray, shift: int | np.ndarray) -> np.ndarray:
     """Arithmetic right shift (numpy shifts signed ints arithmetically); no copy for 0."""
     if np.isscalar(shift) or np.ndim(shift) == 0:
-        return words if int(shift) == 0 else np.right_shift(words, int(shift))
-    if not np.any(shift):
+        shift = int(shift)
+        if shift == 0:
+            return words
+    elif not np.any(shift):
         return words
-    return np.right_shift(words, shift)
+    shifted: np.ndarray = np.right_shift(words, shift)
+    return shifted
 
 
 def to_volts(codes: np.ndarray, volts_per_code: float | np.ndarray) -> np.ndarray:
-    return np.multiply(codes, volts_per_code, dtype=np.float64)
+    volts: np.ndarray = np.multiply(codes, volts_per_code, dtype=np.float64)
+    return volts
 
 
 def downsample_mean(x: np.ndarray, n: int) -> np.ndarray:
@@ -38,7 +42,8 @@ def downsample_mean(x: np.ndarray, n: int) -> np.ndarray:
         raise ValueError(f"downsample must be >= 1, got {n}")
     blocks = len(x) // n
     shaped = x[: blocks * n].reshape(blocks, n, *x.shape[1:])
-    return shaped.mean(axis=1, dtype=np.float64)
+    means: np.ndarray = shaped.mean(axis=1, dtype=np.float64)
+    return means
 
 
 class Downsampler:
@@ -118,7 +123,9 @@ class ChannelMap:
         # Most cards run one module type: a scalar shift avoids a broadcast per buffer.
         self.uniform_shift: int | None = int(shifts[0]) if len(set(shifts)) == 1 else None
 
-    def shift(self, ai: np.ndarray, channels: Sequence[int] | None = None) -> np.ndarray:
+    def shift(
+        self, ai: np.ndarray, channels: Sequence[int] | np.ndarray | None = None
+    ) -> np.ndarray:
         """ADC codes of a (rows, channels) block of stream words (columns = `channels`)."""
         if self.uniform_shift is not None:
             return shift_codes(ai, self.uniform_shift)

@@ -224,7 +224,7 @@ class RunWriter:
                 raise
             self.current_file = path.name
             log.debug("writing %s", path)
-        rows = self._dig.write(memoryview(chunk.buf)[: chunk.nbytes]) // self._dig.sample_bytes
+        rows = self._dig.write(chunk.buf.data[: chunk.nbytes]) // self._dig.sample_bytes
         self.bytes_written += chunk.nbytes
         self.rows_written += rows
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from functools import partial
+
+import paramiko
 
 from dtacq_ioc.config import CardConfig
 from dtacq_ioc.sim.knobs_module import build_module_knobs
@@ -27,7 +30,7 @@ STATUS_PORT = 2235
 class SimCard:
     """A card that answers at `config.host`; `reboot()` takes it down and back up."""
 
-    def __init__(self, config: CardConfig, host_key, unthrottled: bool = False):
+    def __init__(self, config: CardConfig, host_key: paramiko.PKey, unthrottled: bool = False):
         self.config = config
         self.name = config.name
         self.host = config.host
@@ -65,7 +68,7 @@ class SimCard:
             services.append(
                 TcpService(
                     f"{self.name}:data{ch}", self.host, DATA_PORT + ch,
-                    lambda conn, ch=ch: serve_shot(st, conn, ch),
+                    partial(serve_shot, st, channel=ch),
                 )
             )  # fmt: skip
         services.append(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import partial
+
 from dtacq_ioc.sim.knobs_system import const, flag
 from dtacq_ioc.sim.knobtable import Knob, KnobRejected, KnobTable, numeric
 from dtacq_ioc.sim.state import IDLE, TRIPLETS, CardState, SiteState
@@ -64,7 +67,10 @@ def build_module_knobs(st: CardState, s: SiteState) -> KnobTable:
             st.touch()
             return ""
 
-        t.add(Knob(trip, lambda trip=trip: s.triplets[trip], set_trip))
+        def get_trip(trip: str = trip) -> str:
+            return s.triplets[trip]
+
+        t.add(Knob(trip, get_trip, set_trip))
 
     def set_clkdiv(value: str) -> str:
         s.clkdiv = numeric(value, spec.min_clkdiv, spec.max_clkdiv)
@@ -134,9 +140,11 @@ def add_gain_knobs(t: KnobTable, st: CardState, s: SiteState) -> None:
         return ""
 
     for ch in range(s.spec.nchan):
-        t.add(
-            Knob(f"gain{ch + 1}", lambda ch=ch: str(s.gains[ch]), lambda v, ch=ch: set_gain(ch, v))
-        )
+
+        def get_gain(ch: int = ch) -> str:
+            return str(s.gains[ch])
+
+        t.add(Knob(f"gain{ch + 1}", get_gain, partial(set_gain, ch)))
 
     def set_gains(value: str) -> str:
         v = value.strip()
@@ -178,13 +186,11 @@ def add_gain_knobs(t: KnobTable, st: CardState, s: SiteState) -> None:
         return ""
 
     for ch in range(s.spec.nchan):
-        t.add(
-            Knob(
-                f"GAIN:{ch + 1:02d}",
-                lambda ch=ch: labels[codes.index(s.gains[ch])],
-                lambda v, ch=ch: set_label(ch, v),
-            )
-        )
+
+        def get_label(ch: int = ch) -> str:
+            return labels[codes.index(s.gains[ch])]
+
+        t.add(Knob(f"GAIN:{ch + 1:02d}", get_label, partial(set_label, ch)))
     t.add(
         Knob(
             "GAIN:ALL",
@@ -198,7 +204,7 @@ def add_cal_knobs(t: KnobTable, s: SiteState) -> None:
     """AI:CAL:ESLO/EOFF: "<N+1> <elem0> <ch1>..<chN>" (volts per ADC code, offset in volts)."""
 
     def eslo() -> str:
-        gains = s.gains or [None] * s.spec.nchan
+        gains: Sequence[int | None] = s.gains or [None] * s.spec.nchan
         slopes = " ".join(f"{s.spec.volts_per_code(g):.6e}" for g in gains)
         return f"{s.spec.nchan + 1} 0 {slopes}"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 
 from dtacq_ioc.sim.knobtable import (
     AfterReply,
@@ -147,12 +148,10 @@ def build_system_knobs(
     t.add(Knob("SIG:CLK_EXT:FREQ", lambda: f"{sim.ext_clock_hz:.3f}"))
     for site in st.sites:
         # The site clock: the MB clock after the site's divider (ACQ43x then divide by 256/512).
-        t.add(
-            Knob(
-                f"SIG:CLK_S{site}:FREQ",
-                lambda site=site: f"{st.clock_hz() / st.sites[site].clkdiv:.3f}",
-            )
-        )
+        def site_clock(site: int = site) -> str:
+            return f"{st.clock_hz() / st.sites[site].clkdiv:.3f}"
+
+        t.add(Knob(f"SIG:CLK_S{site}:FREQ", site_clock))
     for name in ("SIG:SRC:CLK:0", "SIG:SRC:CLK:1", "SIG:SRC:TRG:0", "SIG:SRC:TRG:1"):
 
         def set_route(value: str, name: str = name) -> str:
@@ -162,7 +161,10 @@ def build_system_knobs(
             st.routes[name] = route  # stored only: the simulated trigger is always soft
             return ""
 
-        t.add(Knob(name, lambda name=name: st.routes[name], set_route))
+        def get_route(name: str = name) -> str:
+            return st.routes[name]
+
+        t.add(Knob(name, get_route, set_route))
 
     # Scratchpad and aggregation.
     def set_spad(value: str) -> str:
@@ -179,7 +181,10 @@ def build_system_knobs(
             st.touch()
             return ""
 
-        t.add(Knob(f"spad{i}", lambda i=i: f"0x{st.spad_values[i]:08x}", set_word))
+        def get_word(i: int = i) -> str:
+            return f"0x{st.spad_values[i]:08x}"
+
+        t.add(Knob(f"spad{i}", get_word, set_word))
 
     def run0(value: str) -> str:
         parts = value.split()
@@ -204,15 +209,15 @@ def build_system_knobs(
 
     # Run control.
     def set_transient(value: str) -> str:
-        changes = {}
+        changes: dict[str, int] = {}
         for token in value.split():
             key, _, val = token.partition("=")
             if key not in TRANSIENT_LIMITS or not val.lstrip("-").isdigit():
                 raise KnobRejected(f"ERROR: {token} not supported")
             lo, hi = TRANSIENT_LIMITS[key]
             changes[key.lower()] = min(max(int(val), lo), hi)
-        for key, val in changes.items():
-            setattr(st.transient, key, val)
+        for field_name, setting in changes.items():
+            setattr(st.transient, field_name, setting)
         return ""
 
     t.add(Knob("transient", lambda: st.transient.text(), set_transient))
@@ -223,7 +228,10 @@ def build_system_knobs(
     ):
         # The bare name executes too: these knobs act on query as on set ("=0" does nothing,
         # as the on-card IOC writes 0 after 1).
-        t.add(Knob(name, action, lambda v, action=action: "" if v.strip() == "0" else action()))
+        def act(value: str, action: Callable[[], str] = action) -> str:
+            return "" if value.strip() == "0" else action()
+
+        t.add(Knob(name, action, act))
     t.add(Knob("state", st.state_line))
     t.add(Knob("cstate", lambda: f"STX {st.state_line()}"))
     t.add(Knob("TRANS_ACT:STATE", lambda: STATE_NAMES[st.state]))
@@ -308,13 +316,11 @@ def add_site_scripts(t: KnobTable, site_table: Callable[[int], KnobTable | None]
         return "\n".join(reply.lines)
 
     for script in ("get.site", "set.site"):
-        t.add(
-            Knob(
-                script,
-                lambda script=script: usage(script),
-                lambda v, script=script: forward(script, v, script == "set.site"),
-            )
-        )
+
+        def forward_to(value: str, script: str = script) -> str:
+            return forward(script, value, script == "set.site")
+
+        t.add(Knob(script, partial(usage, script), forward_to))
 
 
 def add_trigger_knobs(t: KnobTable, st: CardState, shots: ShotControl) -> None:

@@ -70,7 +70,7 @@ class ShotData:
                 column = np.ascontiguousarray(self.table.table(site)[:, col])
                 self._columns[channel] = column
         out = _Sender(conn, limit)
-        view = memoryview(column).cast("B")
+        view = column.data.cast("B")
         size = column.itemsize
         for row, n in self._runs():
             if not out.send(view[row * size : (row + n) * size]):

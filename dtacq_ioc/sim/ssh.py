@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often a session looks whether its transport is still up
 HANDSHAKE_S = 10.0
+# paramiko's answers, typed here (paramiko has no type information)
+_AUTH_FAILED: int = paramiko.AUTH_FAILED
+_AUTH_SUCCESSFUL: int = paramiko.AUTH_SUCCESSFUL
+_OPEN_SUCCEEDED: int = paramiko.OPEN_SUCCEEDED
+_OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED: int = paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
 
 def new_host_key() -> paramiko.PKey:
@@ -26,7 +31,7 @@ def new_host_key() -> paramiko.PKey:
     return paramiko.ECDSAKey.generate()
 
 
-class _Server(paramiko.ServerInterface):
+class _Server(paramiko.ServerInterface):  # type: ignore[misc]  # paramiko is untyped
     def __init__(self, user: str | None, password: str | None):
         self.user = user
         self.password = password
@@ -37,15 +42,15 @@ class _Server(paramiko.ServerInterface):
 
     def check_auth_password(self, username: str, password: str) -> int:
         if self.user is None or self.password is None:
-            return paramiko.AUTH_FAILED  # credentials not configured: nobody gets in
+            return _AUTH_FAILED  # credentials not configured: nobody gets in
         if username == self.user and password == self.password:
-            return paramiko.AUTH_SUCCESSFUL
-        return paramiko.AUTH_FAILED
+            return _AUTH_SUCCESSFUL
+        return _AUTH_FAILED
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
         if kind == "session":
-            return paramiko.OPEN_SUCCEEDED
-        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+            return _OPEN_SUCCEEDED
+        return _OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         self.requests.put((channel, command.decode("utf-8", "replace").strip()))

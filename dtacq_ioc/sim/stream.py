@@ -95,7 +95,7 @@ class Frames:
         if spad:
             self.rows["spad"] = np.asarray(spad, dtype=np.uint32)
         self.ssb = self.rows.dtype.itemsize
-        self.raw = memoryview(self.rows.view(np.uint8).reshape(-1))
+        self.raw = self.rows.view(np.uint8).reshape(-1).data
         self.word_size = table.sites[0].word_size if table.sites else 2
 
     def segment(self, seg: Segment) -> memoryview | bytes:
