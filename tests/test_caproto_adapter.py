@@ -1,4 +1,4 @@
-"""caproto's private names, used only by dtacq_ioc/ioc/caproto_adapter.py, still exist.
+"""caproto's private names, used only by dtacq_ioc/caproto_adapter.py, still exist.
 
 If caproto is upgraded, this test names what moved: fix the adapter, then add the
 version to SUPPORTED_VERSIONS.
@@ -12,7 +12,7 @@ import caproto
 import pytest
 from caproto.asyncio.client import Context as ClientContext
 
-from dtacq_ioc.ioc import caproto_adapter
+from dtacq_ioc import caproto_adapter
 from dtacq_ioc.ioc.pvs import CheckedGroup, integer
 
 
@@ -62,6 +62,11 @@ def test_instance_names_exist_on_a_live_server(loopback, monkeypatch):
             entry = group.pvdb["ADAPTER:VALUE"]
             for name in caproto_adapter.PRIVATE_INSTANCE_NAMES["pv"]:
                 assert hasattr(entry, name), f"caproto's ChannelData lost {name}"
+            results = client.broadcaster.results
+            for name in caproto_adapter.PRIVATE_CLIENT_NAMES:
+                assert hasattr(results, name), f"caproto's client SearchResults lost {name}"
+            assert caproto_adapter.forget_search(client, "ADAPTER:NOBODY") is True
+            assert caproto_adapter.forget_search(client, "ADAPTER:VALUE") is False  # in use
             assert server.circuits, "the client's circuit is not in the server's context"
             for circuit in server.circuits:
                 for name in caproto_adapter.PRIVATE_INSTANCE_NAMES["circuit"]:

@@ -92,15 +92,17 @@ async def start_bridge(config: Config, loop: asyncio.AbstractEventLoop | None = 
 
     root = WebFiles(str(WEB_DIR))
     pvws = Resource()
-    pvws.putChild(b"pv", WebSocketResource(make_factory(PvwsSession, services)))
-    root.putChild(b"pvws", pvws)
-    root.putChild(b"legacy", WebSocketResource(make_factory(LegacySession, services)))
-    root.putChild(b"data", DataFiles(str(config.archive.data_dir)))
+    pvws.putChild(b"pv", WebSocketResource(make_factory(PvwsSession, services)))  # type: ignore[arg-type]  # zope's @implementer is not seen by mypy
+    root.putChild(b"pvws", pvws)  # type: ignore[arg-type]  # zope's @implementer is not seen by mypy
+    legacy_ws = WebSocketResource(make_factory(LegacySession, services))
+    root.putChild(b"legacy", legacy_ws)  # type: ignore[arg-type]  # zope's @implementer is not seen by mypy
+    root.putChild(b"data", DataFiles(str(config.archive.data_dir)))  # type: ignore[arg-type]  # zope's @implementer is not seen by mypy
     cards = [{"name": c.name, "host": c.host, "prefix": c.prefix} for c in config.cards]
-    root.putChild(b"cards.json", CardList(cards))
-    root.putChild(b"runs", RunsResource(config.archive.data_dir))
+    root.putChild(b"cards.json", CardList(cards))  # type: ignore[arg-type]  # zope's @implementer is not seen by mypy
+    root.putChild(b"runs", RunsResource(config.archive.data_dir))  # type: ignore[arg-type]  # zope's @implementer is not seen by mypy
     access = {"tokens": services.tokens.enabled, "one_time": bool(services.tokens.one_time)}
-    root.putChild(b"access.json", Data(json.dumps(access).encode(), "application/json"))
+    access_json = Data(json.dumps(access).encode(), "application/json")
+    root.putChild(b"access.json", access_json)  # type: ignore[arg-type]  # zope's @implementer is not seen by mypy
     site = Site(root)
     site.displayTracebacks = False
 

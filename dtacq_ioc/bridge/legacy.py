@@ -111,7 +111,7 @@ class LegacySession(Session):
         if not allowed:
             return False
         try:
-            address = ipaddress.ip_address(self.transport.getPeer().host)
+            address = ipaddress.ip_address(self.transport.getPeer().host)  # type: ignore[union-attr,misc]  # twisted's ITransport
         except (AttributeError, ValueError):
             return False
         return any(address in ipaddress.ip_network(n, strict=False) for n in allowed)
@@ -587,7 +587,9 @@ async def watch_run(s: LegacySession, before: str, upload: bool) -> None:
             s.announce({"type": "JobFinished", "error": why})
             return
         s.buffers.run_id = run_id
-        text = await s.wait_for("RUN:LAST_RESULT", lambda v: _result_of(v, run_id), None)
+        text = await s.wait_for(
+            "RUN:LAST_RESULT", lambda v: _result_of(v, run_id) is not None, None
+        )
         result = _result_of(text, run_id) or {}
         if upload and s.services.config.archive.backend == "couchdb":
             missing = await announce_uploads(s, run_id, result)

@@ -22,6 +22,7 @@ import os
 import sqlite3
 import tempfile
 import zipfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -165,6 +166,8 @@ class RunData:
         exact = n <= exact_rows
         known = self.channels
         cols = [known.index(ch) for ch in channels]
+        lo: Any  # integer codes, or floats for downsampled runs (shift 0)
+        hi: Any
         if width == 0 or not cols:
             lo = hi = np.empty((0, len(cols)))
         elif exact:
@@ -206,6 +209,7 @@ class RunsResource(Resource):
     def render_GET(self, request: Any) -> Any:
         path = [p.decode("utf-8", "replace") for p in request.postpath if p]
         args = {k.decode(): v[0].decode("utf-8", "replace") for k, v in request.args.items()}
+        job: Callable[[], Any]
         if not path:
             job, kind = (lambda: self.list(args)), "json"
         elif len(path) == 1:

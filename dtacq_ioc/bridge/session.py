@@ -84,6 +84,7 @@ class Session(WebSocketServerProtocol):
     """Base of a client session; subclasses implement `handle(message)`."""
 
     services: Services  # set by the factory
+    kind = "WebSocket"  # the protocol's name in log lines (PVWS, nEDM)
 
     def onConnect(self, request: Any) -> None:
         self.can_write = False
@@ -118,14 +119,16 @@ class Session(WebSocketServerProtocol):
     def closed(self) -> None:
         """Subclasses release what the session held."""
 
-    def sendMessage(self, payload: bytes, isBinary: bool = False, **kwargs: Any) -> None:
+    def sendMessage(  # type: ignore[override]  # autobahn's signature, less its unused options
+        self, payload: bytes, isBinary: bool = False, **kwargs: Any
+    ) -> None:
         if self.state != self.STATE_OPEN:
             # The client has just gone (its close is under way): nothing to tell anyone.
             self.refusals.note("sends after close", "reply after the close dropped", logging.DEBUG)
             return
         # Autobahn applies maxMessagePayloadSize to outgoing messages too; the limit is
         # meant for what clients send, and waveforms are far larger.
-        limit = self.maxMessagePayloadSize
+        limit: int = getattr(self, "maxMessagePayloadSize", 0)  # set by autobahn's options
         self.maxMessagePayloadSize = 0
         try:
             super().sendMessage(payload, isBinary, **kwargs)
@@ -207,7 +210,7 @@ def make_factory(
     protocol: type[Session], services: Services, url: str | None = None
 ) -> WebSocketServerFactory:
     factory = WebSocketServerFactory(url)
-    factory.protocol = type(protocol.__name__, (protocol,), {"services": services})
+    factory.protocol = type(protocol.__name__, (protocol,), {"services": services})  # type: ignore[assignment]  # a Session subclass
     limit = services.config.bridge.max_message_bytes
     factory.setProtocolOptions(
         maxMessagePayloadSize=limit,

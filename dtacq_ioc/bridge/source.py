@@ -33,7 +33,7 @@ from dtacq_ioc.bridge.encode import (
     severity_name,
     stamp_fields,
 )
-from dtacq_ioc.bridge.searches import forget_search
+from dtacq_ioc.caproto_adapter import forget_search
 from dtacq_ioc.contract import TEXT_SUFFIXES  # the IOC's long strings; others by content
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ class PvSource:
             self._value(entry, response)
 
         # caproto holds callbacks weakly: the entry keeps them alive.
-        entry._callbacks = (on_state, on_value)  # type: ignore[attr-defined]
+        entry._callbacks = (on_state, on_value)  # type: ignore[attr-defined]  # kept alive here
         conn_token = pv.connection_state_callback.add_callback(on_state, run=True)
         entry.sub = pv.subscribe(data_type="time")
         entry.tokens = (conn_token, entry.sub.add_callback(on_value))
@@ -251,8 +251,9 @@ class PvSource:
         entry.meta = metadata_fields(ctrl, entry.shape)
         lo = getattr(ctrl.metadata, "lower_ctrl_limit", None)
         hi = getattr(ctrl.metadata, "upper_ctrl_limit", None)
-        numeric = isinstance(lo, int | float) and isinstance(hi, int | float)
-        entry.limits = (float(lo), float(hi)) if numeric and lo < hi else None
+        entry.limits = None
+        if isinstance(lo, int | float) and isinstance(hi, int | float) and lo < hi:
+            entry.limits = (float(lo), float(hi))
         entry.meta["connected"] = True
         entry.meta["readonly"] = not entry.writable
         if "description" not in entry.meta and "." not in entry.name:

@@ -51,4 +51,4 @@ def start_twisted_logging() -> None:
         kind = str(event.get("log_format") or event.get("log_namespace"))[:200]
         lines.note(kind, (text.splitlines() or [""])[0], level)
 
-    globalLogBeginner.beginLoggingTo([observe], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([observe], redirectStandardIO=False)  # type: ignore[list-item]  # a plain callable is an observer

@@ -12,10 +12,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from dtacq_ioc import caproto_adapter
 from dtacq_ioc.archive.catalog import open_catalog
 from dtacq_ioc.archive.sqlite import SqliteCatalog
 from dtacq_ioc.config import Config
-from dtacq_ioc.ioc import caproto_adapter, pvs
+from dtacq_ioc.ioc import pvs
 from dtacq_ioc.ioc.autosave import Autosave
 from dtacq_ioc.ioc.controller import CardController
 from dtacq_ioc.ioc.fanout import Fanout

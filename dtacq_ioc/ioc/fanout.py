@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from caproto import EventAddResponse
 
-from dtacq_ioc.ioc.caproto_adapter import (
+from dtacq_ioc.caproto_adapter import (
     circuit_transport,
     circuit_writer,
     forget_cached_reads,

@@ -25,8 +25,8 @@ from caproto import AccessRights, AlarmSeverity, AlarmStatus, ChannelType
 from caproto.server import PVGroup, pvproperty
 from caproto.server.server import pvspec_type_map, pvspec_type_map_read_only
 
+from dtacq_ioc.caproto_adapter import WriteTracker
 from dtacq_ioc.contract import ACTION
-from dtacq_ioc.ioc.caproto_adapter import WriteTracker
 from dtacq_ioc.ioc.fanout import Fanout, FanoutArray
 from dtacq_ioc.ioc.fields import RecordFields
 

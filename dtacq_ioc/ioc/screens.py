@@ -273,7 +273,21 @@ def _overview(card: CardConfig, n: CardNames, sites: list[SiteLayout], files: Ca
         ("Latest counter", [(upd, n("AI:COUNTER"), 160, {})]),
     ])  # fmt: skip
 
-    y = s.heading("Run", y + 6)
+    y = _run_section(s, n, y + 6)
+    y = _transient_section(s, n, y + 6)
+    y = s.heading("Card actions", y + 6)
+    s.write_button("Reset readout", n("RESET"), "1", 190, y, 150,
+                   confirm="Jump-start the card's readout (run0 sequence)?")  # fmt: skip
+    reboot = f"Reboot {card.name} over SSH? Streaming stops until it is back."
+    s.write_button("Reboot card", n("REBOOT"), "1", 350, y, 150, confirm=reboot)
+    return s
+
+
+def _run_section(s: Screen, n: CardNames, y: int) -> int:
+    """Run settings, start/stop and the run's readbacks."""
+    upd, ent, cmb = "text_update", "text_entry", "combo"
+    txt = {"text": True}
+    y = s.heading("Run", y)
     y = _rows(s, y, [
         ("Measurement name", [(ent, n("RUN:NAME"), 690, txt)]),
         ("Save files, upload", [(cmb, n("RUN:SAVE"), 120, {}), (cmb, n("RUN:UPLOAD"), 120, {})]),
@@ -299,13 +313,28 @@ def _overview(card: CardConfig, n: CardNames, sites: list[SiteLayout], files: Ca
                               (upd, n("RUN:OVERRUNS_RBV"), 160, {})]),
         ("Fault", [(upd, n("RUN:FAULT_RBV"), 690, txt)]),
     ])  # fmt: skip
+    return y
 
-    y = s.heading("Card actions", y + 6)
-    s.write_button("Reset readout", n("RESET"), "1", 190, y, 150,
-                   confirm="Jump-start the card's readout (run0 sequence)?")  # fmt: skip
-    reboot = f"Reboot {card.name} over SSH? Streaming stops until it is back."
-    s.write_button("Reboot card", n("REBOOT"), "1", 350, y, 150, confirm=reboot)
-    return s
+
+def _transient_section(s: Screen, n: CardNames, y: int) -> int:
+    """Transient shots: mode, the next shot's settings, arm/abort/trigger, the card's state."""
+    upd, ent, cmb = "text_update", "text_entry", "combo"
+    t = "MODE:TRANSIENT:"
+    y = s.heading("Transient shots", y)
+    y = _rows(s, y, [
+        ("Mode", [(cmb, n("MODE"), 160, {})]),
+        ("Pre, post samples", [(ent, n(t + "PRE"), 160, {}), (ent, n(t + "POST"), 160, {})]),
+        ("Trigger, self-trigger", [(ent, n(t + "TRIGGER"), 160, {}),
+                                   (cmb, n(t + "SOFT_TRIGGER"), 120, {})]),
+        ("Re-arm, demux", [(cmb, n(t + "AUTO_REARM"), 120, {}), (cmb, n(t + "DEMUX"), 120, {})]),
+        ("State, samples", [(upd, n("MODE:TRANS_ACT:STATE"), 160, {}),
+                            (upd, n("MODE:TRANS_ACT:TOTSAM"), 160, {})]),
+        ("Last shot", [(upd, n("SHOT"), 160, {})]),
+    ])  # fmt: skip
+    s.write_button("Arm", n(t + "SET_ARM"), "1", 190, y, 100)
+    s.write_button("Soft trigger", n("SIG:SOFT_TRIGGER"), "1", 300, y, 120)
+    s.write_button("Abort", n(t + "SET_ABORT"), "1", 430, y, 100)
+    return y + ROW + 8
 
 
 def _channels(sites: list[SiteLayout]) -> Iterator[tuple[SiteLayout, str]]:

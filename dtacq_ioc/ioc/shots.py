@@ -315,28 +315,8 @@ class ShotControl:
             self.ctx.error(f"{self.ctx.name}: shot {info.shot}: {fault}")
         values: dict[str, Any] = {"SHOT": info.shot, "RUN:ID_RBV": record.run_id}
         if data is not None:
-            values.update(self._waveforms(data))
+            values.update(shot_waveforms(self.ctx, data))
         await self.ctx.publish(Update(values=values))
-
-    def _waveforms(self, data: ShotData) -> dict[str, Any]:
-        """The last shot's waveforms, decimated to the display length, trigger at t = 0."""
-        points = self.ctx.ioc.display_samples
-        step = max(1, math.ceil(data.samples / points))
-        cmap = self.ctx.readout.channel_map
-        rate = self.ctx.readout.sample_rate_hz or 1.0
-        picked = data.channels[:, ::step][:, :points]
-        codes = cmap.shift(picked.T).T if cmap is not None else picked
-        out: dict[str, Any] = {}
-        tb = (np.arange(codes.shape[1]) * step - data.pre) / rate
-        for layout in self.ctx.sites:
-            pre = f"{layout.site}:AI:TW:"
-            out[pre + "TB"] = tb
-            for i, col in enumerate(layout.channels):
-                raw = np.ascontiguousarray(codes[col])
-                out[f"{pre}{i + 1:02d}"] = raw.astype(np.int32)
-                vpc = cmap.volts_per_code[col] if cmap is not None else 1.0
-                out[f"{pre}{i + 1:02d}:V"] = raw * float(vpc)
-        return out
 
     async def abort(self, value: Any) -> str:
         if value != ACTION[1]:
@@ -391,3 +371,24 @@ class ShotControl:
             except TimeoutError:
                 self._task.cancel()
         self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+def shot_waveforms(ctx: CardContext, data: ShotData) -> dict[str, Any]:
+    """The last shot's waveforms, decimated to the display length, trigger at t = 0."""
+    points = ctx.ioc.display_samples
+    step = max(1, math.ceil(data.samples / points))
+    cmap = ctx.readout.channel_map
+    rate = ctx.readout.sample_rate_hz or 1.0
+    picked = data.channels[:, ::step][:, :points]
+    codes = cmap.shift(picked.T).T if cmap is not None else picked
+    out: dict[str, Any] = {}
+    tb = (np.arange(codes.shape[1]) * step - data.pre) / rate
+    for layout in ctx.sites:
+        pre = f"{layout.site}:AI:TW:"
+        out[pre + "TB"] = tb
+        for i, col in enumerate(layout.channels):
+            raw = np.ascontiguousarray(codes[col])
+            out[f"{pre}{i + 1:02d}"] = raw.astype(np.int32)
+            vpc = cmap.volts_per_code[col] if cmap is not None else 1.0
+            out[f"{pre}{i + 1:02d}:V"] = raw * float(vpc)
+    return out
