@@ -362,9 +362,6 @@ class Spool:
             self._thread.join(timeout)
             self._thread = None
 
-    def kick(self) -> None:
-        self._wake.set()
-
     def wait_idle(self, timeout: float) -> bool:
         """Block until the spool is empty (True) or the timeout passes (False)."""
         deadline = time.monotonic() + timeout

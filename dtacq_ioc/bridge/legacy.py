@@ -31,6 +31,7 @@ import numpy as np
 from dtacq_ioc.bridge.session import BadRequest, Session
 from dtacq_ioc.bridge.source import Delta, PvEntry, WriteRefused
 from dtacq_ioc.config import CardConfig
+from dtacq_ioc.contract import RUN_FAULT, RUN_RUNNING, RUN_STATES, SPAD_BYTES, SPAD_WORDS
 from dtacq_ioc.framing import pack_header, unpack_header
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ START_TIMEOUT_S = 15.0
 UPLOAD_WAIT_S = 600.0  # how long the end of a run waits for its files in the database
 UPLOAD_POLL_S = 0.5
 MIN_BUFFER_BYTES = 1 << 20  # the old server's smallest buffer: 1 MiB
-SPAD_BYTES = 8  # spad 1,2,0: two 32-bit words after the channels of every sample
-RUNNING, FAULT = 2, 4  # RUN:STATE_RBV: IDLE, STARTING, RUNNING, STOPPING, FAULT
+RUNNING, FAULT = RUN_RUNNING, RUN_FAULT  # RUN:STATE_RBV's enum values
+STARTING = RUN_STATES.index("STARTING")
 BUFFER_PV = "RUN:BUFFER"  # the IOC's latest whole run buffer (AI words, sample-major)
 GAIN_CMD = re.compile(
     r"^\s*(?:set\.site\s+(\d)\s+)?gain(\d{1,3})?\s*[= ]\s*(\d{1,3})\s*$", re.IGNORECASE
@@ -506,7 +507,7 @@ def buffer_bytes(words: int, sites: list[SiteView], most: int = 0) -> int:
     `most`, no more whole samples than fit in it (the page's largest choice is exactly
     getChannels' max_buffer, which rounding up would carry past the IOC's limit)."""
     word = sites[0].word_size
-    sample = (sum(x.nchan for x in sites) + SPAD_BYTES // word) * word
+    sample = (sum(x.nchan for x in sites) + SPAD_WORDS * SPAD_BYTES // word) * word
     samples = max(1, -(-words * word // sample))
     if most:
         samples = max(1, min(samples, most // sample))
@@ -516,7 +517,7 @@ def buffer_bytes(words: int, sites: list[SiteView], most: int = 0) -> int:
 async def start_readout(s: LegacySession, args: dict[str, Any]) -> Any:
     """Start a run and answer at once; its end is announced (see `watch_run`)."""
     card = s.need_control("startReadout")
-    if await s.read("RUN:STATE_RBV") in (1, RUNNING):  # STARTING, RUNNING
+    if await s.read("RUN:STATE_RBV") in (STARTING, RUNNING):
         raise BadRequest(f"startReadout: a readout of {card.host} is already running")
     sites = await s.sites()
     numbers = [x.site for x in sites]

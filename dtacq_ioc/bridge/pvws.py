@@ -20,7 +20,7 @@ import logging
 from typing import Any
 
 from dtacq_ioc.bridge.session import BadRequest, Session
-from dtacq_ioc.bridge.source import Delta, PvEntry, WriteRefused
+from dtacq_ioc.bridge.source import Delta, PvEntry, WriteRefused, pvws_update
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class PvwsSession(Session):
         self.missing = set()
 
     def encode_update(self, name: str, fields: dict[str, Any]) -> bytes:
-        return json.dumps({"type": "update", "pv": name, **fields}, separators=(",", ":")).encode()
+        return pvws_update(name, fields)
 
     def error(self, text: str, request: Any) -> None:
         msg: dict[str, Any] = {"type": "error", "message": text}

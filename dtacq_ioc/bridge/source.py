@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -64,13 +63,15 @@ class Delta:
     fields: dict[str, Any]
     _json: bytes | None = None
 
-    def message(self) -> dict[str, Any]:
-        return {"type": "update", "pv": self.name, **self.fields}
-
     def json(self) -> bytes:
         if self._json is None:
-            self._json = json.dumps(self.message(), separators=(",", ":")).encode()
+            self._json = pvws_update(self.name, self.fields)
         return self._json
+
+
+def pvws_update(name: str, fields: dict[str, Any]) -> bytes:
+    """A PVWS update message: the one encoding, shared by every listener and the outbox."""
+    return json.dumps({"type": "update", "pv": name, **fields}, separators=(",", ":")).encode()
 
 
 @dataclass
@@ -406,17 +407,3 @@ def convert_for_write(shape: Shape, value: Any, name: str) -> Any:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def noop_listener(callback: Callable[[PvEntry, Delta], None] | None = None) -> Listener:
-    """A listener for one-off reads that only keeps a PV's state current."""
-
-    class _Quiet:
-        def pv_update(self, entry: PvEntry, delta: Delta) -> None:
-            if callback is not None:
-                callback(entry, delta)
-
-        def pv_missing(self, entry: PvEntry) -> None:
-            pass
-
-    return _Quiet()

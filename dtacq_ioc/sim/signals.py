@@ -114,10 +114,6 @@ class SignalTable:
         rows = (np.arange(start, start + n, dtype=np.int64)) % self.period
         return self._words[site][rows]
 
-    def ai_words(self, start: int, n: int) -> list[np.ndarray]:
-        """Raw words of every site, in stream order, for sample indices [start, start + n)."""
-        return [self.site_words(s.site, start, n) for s in self.sites]
-
 
 class TableCache:
     """The latest SignalTable, shared by a card's stream and its shots (built once per setting)."""

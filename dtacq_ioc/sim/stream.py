@@ -72,13 +72,6 @@ def segments(start: int, n: int, faults: Faults, period: int) -> Iterator[Segmen
         i = stop
 
 
-def is_sent(index: int, faults: Faults) -> bool:
-    """Whether sample index `index` is sent under these drop settings."""
-    if faults.drop_every <= 0:
-        return True
-    return index % (faults.drop_every + faults.drop_count) < faults.drop_every
-
-
 class Frames:
     """One table period of whole samples as bytes, with the spad columns in place."""
 
