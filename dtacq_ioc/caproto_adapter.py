@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -57,6 +58,22 @@ PRIVATE_INSTANCE_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 ReadConversionErrors = (ca.CaprotoConversionError, ValueError, TypeError, OverflowError)
+STRING = ca.ChannelType.STRING
+# EPICS base: a text that is no number reads as enum index 0 for these (not DBR_CTRL_ENUM).
+_PLAIN_ENUMS = (
+    ca.ChannelType.ENUM,
+    ca.ChannelType.STS_ENUM,
+    ca.ChannelType.TIME_ENUM,
+    ca.ChannelType.GR_ENUM,
+)
+_LEADING_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def leading_number(value: Any) -> float | None:
+    """The number a text starts with, as C's strtod reads it (EPICS base's conversion)."""
+    text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    match = _LEADING_NUMBER.match(text)
+    return float(match.group(0)) if match else None
 
 
 class UnsupportedCaproto(RuntimeError):
@@ -187,6 +204,13 @@ class _Circuit(_AsyncioCircuit):  # type: ignore[misc]  # caproto is untyped
         try:
             return await super()._process_command(command)
         except ReadConversionErrors:
+            number = None
+            if db_entry.data_type == STRING:
+                number = leading_number(db_entry.value)
+                if number is None and command.data_type in _PLAIN_ENUMS:
+                    number = 0.0  # EPICS base gives index 0 for text that is no number
+            if number is not None:  # as EPICS base reads "0.1.0" as a number: 0.1
+                return await self._read_as_number(command, chan, db_entry, number)
             # EPICS base answers so when dbGet cannot convert; libca carries on.
             log.debug("%s: cannot be read as %s", chan.name, command.data_type)
             return [
@@ -194,6 +218,19 @@ class _Circuit(_AsyncioCircuit):  # type: ignore[misc]  # caproto is untyped
                     command, chan.cid, status=ca.CAStatus.ECA_GETFAIL, error_message="read failed"
                 )
             ]
+
+    async def _read_as_number(self, command: Any, chan: Any, db_entry: Any, number: float) -> Any:
+        """A text PV read as a number, with its alarm and timestamp."""
+        stand_in = ca.ChannelDouble(
+            value=number, timestamp=db_entry.timestamp,
+            alarm=ca.ChannelAlarm(status=db_entry.status, severity=db_entry.severity),
+        )  # fmt: skip
+        metadata, data = await stand_in.read(command.data_type)
+        notify = isinstance(command, ca.ReadNotifyRequest)
+        return [
+            chan.read(data=data, data_type=command.data_type, data_count=len(data), status=1,
+                      ioid=command.ioid, metadata=metadata, notify=notify)
+        ]  # fmt: skip
 
     async def _write(self, command: Any) -> list[Any]:
         chan, db_entry = self._get_db_entry_from_command(command)

@@ -203,7 +203,8 @@ def _same_number(a: str, b: str) -> bool:
         x, y = float(a), float(b)
     except ValueError:
         return a == b
-    return x == y or (math.isnan(x) and math.isnan(y))
+    # caget prints doubles to 6 significant digits (%g): equal to that precision.
+    return math.isclose(x, y, rel_tol=1e-5) or (math.isnan(x) and math.isnan(y))
 
 
 # A field and the DBR_CTRL metadata line it must equal (EPICS base's get_units,
