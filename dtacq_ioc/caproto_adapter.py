@@ -201,6 +201,10 @@ class _Circuit(_AsyncioCircuit):  # type: ignore[misc]  # caproto is untyped
         wait = getattr(db_entry, "wait_for_put", None)
         if wait is not None:
             await wait()
+        if chan.channel_filter.arr is not None and command.data_count > 0:
+            # caproto cuts the array to the count asked for before it applies the filter
+            # (PV.[0:2:8] gave 0, 2, 4 and zeros); ask for all, the filter gives the count.
+            command = type(command)(command.data_type, 0, command.sid, command.ioid)
         try:
             return await super()._process_command(command)
         except ReadConversionErrors:

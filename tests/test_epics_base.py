@@ -218,15 +218,22 @@ METADATA_OF_FIELD = {
 CONTROL_LIMITS = {"out": ("DRVH", "DRVL"), "in": ("HOPR", "LOPR")}
 
 
+FIELD_BATCH = 400  # field names per caget
+
+
 def field_problems(endpoint: CaEndpoint, chans: dict[str, Channel], rtyps: dict[str, str],
                    states: dict[str, tuple[str, ...]], name_of=lambda n: n,
                    defined: bool = True) -> list[str]:  # fmt: skip
     """Every field clients read from each PV's record type, held against the PV's
     DBR_CTRL metadata (by names relative to the IOC: `name_of` maps them to the server)."""
     wanted = {n: COMMON_FIELDS + RECORD_FIELDS[rtyps[n]] for n in chans}
-    got = endpoint.caget(*(f"{name_of(n)}.{f}" for n, fs in wanted.items() for f in fs))
-    assert_sound(got)
-    fields = plain_values(got.stdout)
+    names = [f"{name_of(n)}.{f}" for n, fs in wanted.items() for f in fs]
+    fields: dict[str, str] = {}
+    # In batches: thousands of names in one search burst overflow the server's UDP buffer.
+    for i in range(0, len(names), FIELD_BATCH):
+        got = endpoint.caget(*names[i : i + FIELD_BATCH])
+        assert_sound(got)
+        fields.update(plain_values(got.stdout))
     by_type: dict[str, list[str]] = {"DBR_CTRL_DOUBLE": [], "DBR_CTRL_ENUM": [],
                                      "DBR_STS_STRING": []}  # fmt: skip
     for n, ch in chans.items():

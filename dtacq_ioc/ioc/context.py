@@ -118,5 +118,5 @@ class CardContext:
             try:
                 return await asyncio.to_thread(operation)
             except (CardError, OSError) as exc:
-                text = str(exc)
-                raise self.refuse(f"{what}: {text}" if self.name not in text else text) from None
+                text = str(exc).removeprefix(f"{self.name}: ")  # the card's name comes first
+                raise self.refuse(f"{what}: {text}") from None
