@@ -493,3 +493,22 @@ def test_transient_shot_from_the_page(page: Any, browser: Any, ioc: Site) -> Non
             ca_put("MODE:TRANSIENT:SET_ABORT", 1)
             wait_for(lambda: ca("MODE:TRANS_ACT:STATE") == "IDLE", "the shot aborted")
             ca_put("MODE", "CONTINUOUS")
+
+
+def test_mode_switch_refused_during_a_run(page: Any) -> None:
+    from playwright.sync_api import expect
+
+    page.fill("#run-name", "mode refused")
+    page.select_option("#run-trigger", "time_limit")
+    page.fill("#run-trigger-args", '{"seconds": 600}')
+    page.click("#start")
+    expect(page.locator("#run-state")).to_have_text("RUNNING", timeout=T)
+    page.select_option("#mode", label="TRANSIENT")
+    expect(page.locator("#message")).to_contain_text(
+        "stop the run before changing the mode", timeout=T
+    )
+    expect(page.locator("#mode")).to_have_value("0", timeout=T)  # the IOC's mode again
+    expect(page.locator("#transient")).to_be_hidden()
+    assert ca("MODE") == "CONTINUOUS"
+    page.click("#stop")
+    wait_idle(page)

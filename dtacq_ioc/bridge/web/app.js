@@ -97,9 +97,6 @@ function connect() {
 // A refused put reaches the bridge without the IOC's reason, which the IOC puts in
 // LAST_ERROR at once: a LAST_ERROR that changes after our write is shown instead.
 function writeError(msg) {
-  // A refused choice: the select shows again what the IOC has.
-  const suffix = msg.pv && state.card && msg.pv.slice(state.card.prefix.length);
-  if (suffix && state.values[suffix]) showSelect(suffix, state.values[suffix]);
   if (msg.pv && state.refusal) return;  // the IOC's own words are already up
   const last = text("LAST_ERROR");
   showMessage(msg.message + (msg.pv && last ? ` (the IOC's last error: ${last})` : ""));
