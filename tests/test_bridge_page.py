@@ -435,7 +435,7 @@ def test_transient_shot_from_the_page(page: Any, browser: Any, ioc: Site) -> Non
         )
         assert ca("MODE") == "TRANSIENT"
         assert (ca("MODE:TRANSIENT:PRE"), ca("MODE:TRANSIENT:POST")) == (pre, post)
-        assert ioc_support.castr(PREFIX + "MODE:TRANSIENT:TRIGGER") == "soft"
+        assert ca("MODE:TRANSIENT:TRIGGER") == "soft"
         assert ca("MODE:TRANSIENT:AUTO_REARM") == ca("MODE:TRANSIENT:SOFT_TRIGGER") == "No"
         page.click("#tr-soft")
         expect(page.locator("#tr-shot")).to_have_text("1", timeout=T)
@@ -462,6 +462,15 @@ def test_transient_shot_from_the_page(page: Any, browser: Any, ioc: Site) -> Non
         page.wait_for_function(f"state.shotPlot.data[1].length === {len(codes)}", timeout=T)
         assert page.evaluate("state.shotPlot.data[1]") == list(codes)
         page.check('input[name="units"][value="V"]')
+        # a front-panel line with its edge: armed, waiting, then aborted from the page
+        page.select_option("#tr-source", "d3")
+        page.select_option("#tr-edge", "falling")
+        page.click("#tr-arm")
+        expect(page.locator("#tr-state")).to_have_text(re.compile("^(ARM|RUN_PRE)$"), timeout=T)
+        assert ca("MODE:TRANSIENT:TRIGGER") == "d3 falling"
+        page.click("#tr-abort")
+        expect(page.locator("#tr-state")).to_have_text("IDLE", timeout=T)
+        page.select_option("#tr-source", "soft")
         # auto re-arm with the soft trigger once armed: shot after shot until it is cleared
         page.check("#tr-self")
         page.check("#tr-rearm")
