@@ -377,3 +377,147 @@ def test_narrow_screen(browser: Any, ioc: Site) -> None:
         shot(pg, "narrow")
     finally:
         pg.close()
+
+
+# --- 4. transient shots ---
+
+
+def ca(suffix: str) -> Any:
+    """A fresh CA read through caproto's sync client: one value (enums as label) or an array."""
+    from caproto.sync.client import read
+
+    data = read(PREFIX + suffix, timeout=10).data
+    if len(data) != 1:
+        return data
+    return data[0].decode() if isinstance(data[0], bytes) else data[0]
+
+
+def ca_put(suffix: str, value: Any) -> None:
+    from caproto.sync.client import write
+
+    write(PREFIX + suffix, value, notify=True, timeout=20)
+
+
+def trigger_line_pixels(pg: Any) -> float:
+    """The share of the shot plot's canvas pixels on the trigger's column that are the line's."""
+    return pg.evaluate(
+        """() => {
+        const u = state.shotPlot, x = +document.getElementById('shot-plot').dataset.triggerX;
+        const img = u.ctx.getImageData(x, u.bbox.top, 1, u.bbox.height).data;
+        let dark = 0;
+        for (let i = 0; i < img.length; i += 4) if (img[i] + img[i + 1] + img[i + 2] < 60) dark++;
+        return dark / (img.length / 4);
+    }"""
+    )
+
+
+def test_transient_shot_from_the_page(page: Any, browser: Any, ioc: Site) -> None:
+    from playwright.sync_api import expect
+
+    pre, post = 2000, 3000
+    expect(page.locator("#transient")).to_be_hidden()
+    page.select_option("#mode", label="TRANSIENT")
+    expect(page.locator("#transient")).to_be_visible(timeout=T)
+    try:
+        expect(page.locator("#shot-box")).to_be_visible()
+        # the IOC's refusal, in its words
+        page.click("#tr-soft")
+        expect(page.locator("#message")).to_contain_text("no shot is armed", timeout=T)
+        page.fill("#tr-pre", str(pre))
+        page.fill("#tr-post", str(post))
+        page.select_option("#tr-source", "soft")
+        page.uncheck("#tr-self")
+        page.uncheck("#tr-rearm")
+        page.click("#tr-arm")
+        expect(page.locator("#tr-state")).to_have_text("RUN_PRE", timeout=T)
+        page.wait_for_function(
+            f"+document.getElementById('tr-pre-rbv').textContent >= {pre}", timeout=T
+        )
+        assert ca("MODE") == "TRANSIENT"
+        assert (ca("MODE:TRANSIENT:PRE"), ca("MODE:TRANSIENT:POST")) == (pre, post)
+        assert ca("MODE:TRANSIENT:TRIGGER") == "soft"
+        assert ca("MODE:TRANSIENT:AUTO_REARM") == ca("MODE:TRANSIENT:SOFT_TRIGGER") == "No"
+        page.click("#tr-soft")
+        expect(page.locator("#tr-shot")).to_have_text("1", timeout=T)
+        expect(page.locator("#tr-state")).to_have_text("IDLE", timeout=T)
+        # the shot plotted: volts of channel 1:01 against the timebase, trigger at 0
+        tb = ca("1:AI:TW:TB")
+        rate = ca("SAMPLE_RATE_RBV")
+        assert tb[0] == pytest.approx(-pre / rate)
+        volts = ca("1:AI:TW:01:V")
+        page.wait_for_function(
+            f"state.shotPlot && state.shotPlot.data[0].length === {len(tb)}", timeout=T
+        )
+        x, y = page.evaluate("[state.shotPlot.data[0], state.shotPlot.data[1]]")
+        assert x == pytest.approx(list(tb * 1e3)) and y == pytest.approx(list(volts))
+        expect(page.locator("#shot-plot .u-legend")).to_contain_text("1:01")
+        assert trigger_line_pixels(page) > 0.8
+        shot(page, "transient")
+        # ADC units: the codes of the same shot
+        page.check('input[name="units"][value="ADC"]')
+        page.wait_for_function(
+            "state.shotPlot && state.shotPlot.axes[1].label === 'ADC'", timeout=T
+        )
+        codes = ca("1:AI:TW:01")
+        page.wait_for_function(f"state.shotPlot.data[1].length === {len(codes)}", timeout=T)
+        assert page.evaluate("state.shotPlot.data[1]") == list(codes)
+        page.check('input[name="units"][value="V"]')
+        # a front-panel line with its edge: armed, waiting, then aborted from the page
+        page.select_option("#tr-source", "d3")
+        page.select_option("#tr-edge", "falling")
+        page.click("#tr-arm")
+        expect(page.locator("#tr-state")).to_have_text(re.compile("^(ARM|RUN_PRE)$"), timeout=T)
+        assert ca("MODE:TRANSIENT:TRIGGER") == "d3 falling"
+        page.click("#tr-abort")
+        expect(page.locator("#tr-state")).to_have_text("IDLE", timeout=T)
+        page.select_option("#tr-source", "soft")
+        # auto re-arm with the soft trigger once armed: shot after shot until it is cleared
+        page.check("#tr-self")
+        page.check("#tr-rearm")
+        page.click("#tr-arm")
+        page.wait_for_function("+document.getElementById('tr-shot').textContent >= 3", timeout=T)
+        assert ca("MODE:TRANSIENT:AUTO_REARM") == ca("MODE:TRANSIENT:SOFT_TRIGGER") == "Yes"
+        page.uncheck("#tr-rearm")
+        wait_for(lambda: ca("MODE:TRANSIENT:AUTO_REARM") == "No", "auto re-arm cleared")
+        expect(page.locator("#tr-state")).to_have_text("IDLE", timeout=T)
+        # a fresh narrow page shows the same last shot
+        narrow = browser.new_page(viewport={"width": 390, "height": 844})
+        try:
+            narrow.goto(ioc.link)
+            expect(narrow.locator("#transient")).to_be_visible(timeout=T)
+            narrow.wait_for_function("state.shotPlot !== null", timeout=T)
+            expect(narrow.locator("#tr-shot")).to_have_text(str(ca("SHOT")), timeout=T)
+            assert trigger_line_pixels(narrow) > 0.8
+            width = narrow.evaluate("document.documentElement.scrollWidth")
+            assert width <= 400, f"page is {width} px wide on a 390 px screen"
+            narrow.locator("#shot-box").scroll_into_view_if_needed()
+            shot(narrow, "transient-narrow")
+        finally:
+            narrow.close()
+        page.select_option("#mode", label="CONTINUOUS")
+        expect(page.locator("#transient")).to_be_hidden(timeout=T)
+        wait_for(lambda: ca("MODE") == "CONTINUOUS", "MODE back to CONTINUOUS over CA")
+    finally:
+        if ca("MODE") != "CONTINUOUS":  # leave the card streaming for the other tests
+            ca_put("MODE:TRANSIENT:SET_ABORT", 1)
+            wait_for(lambda: ca("MODE:TRANS_ACT:STATE") == "IDLE", "the shot aborted")
+            ca_put("MODE", "CONTINUOUS")
+
+
+def test_mode_switch_refused_during_a_run(page: Any) -> None:
+    from playwright.sync_api import expect
+
+    page.fill("#run-name", "mode refused")
+    page.select_option("#run-trigger", "time_limit")
+    page.fill("#run-trigger-args", '{"seconds": 600}')
+    page.click("#start")
+    expect(page.locator("#run-state")).to_have_text("RUNNING", timeout=T)
+    page.select_option("#mode", label="TRANSIENT")
+    expect(page.locator("#message")).to_contain_text(
+        "stop the run before changing the mode", timeout=T
+    )
+    expect(page.locator("#mode")).to_have_value("0", timeout=T)  # the IOC's mode again
+    expect(page.locator("#transient")).to_be_hidden()
+    assert ca("MODE") == "CONTINUOUS"
+    page.click("#stop")
+    wait_idle(page)

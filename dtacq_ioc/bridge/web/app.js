@@ -11,6 +11,11 @@ const STATUS = ["STATE", "CONNECTED", "MODEL", "HOST", "SITES", "CLKDIV", "CLKDI
   "RUN:ID_RBV", "RUN:SAMPLES_RBV", "RUN:BYTES_RBV", "RUN:FILE_RBV", "RUN:ELAPSED_RBV", "RUN:LAST_RESULT",
   "RUN:RECENT", "TRIGGERS"];
 const SITE_PVS = ["NCHAN", "MODEL", "GAIN:ALL", "DIVIDER_RBV"];
+const TR = "MODE:TRANSIENT:";
+const SHOT_PVS = ["MODE", TR + "PRE", TR + "POST", TR + "TRIGGER", TR + "SOFT_TRIGGER", TR + "AUTO_REARM",
+  TR + "SET_ARM", TR + "SET_ABORT", "SIG:SOFT_TRIGGER", "MODE:TRANS_ACT:STATE", "MODE:TRANS_ACT:PRE",
+  "MODE:TRANS_ACT:POST", "MODE:TRANS_ACT:TOTSAM", "SHOT"];
+const TRIGGER_LINE = "#000";
 
 const state = {
   ws: null, cards: [], card: null, access: {}, values: {}, readonly: true,
@@ -19,6 +24,7 @@ const state = {
   units: "V", fftLog: true, wf: {}, spec: {}, freq: {}, wfUpdates: 0, wfPlot: null, specPlot: null,
   subscribed: new Set(), knownSites: [], lastRunState: null, userStopped: false, runsStarted: 0,
   lastWriteAt: -1e9, refusal: false,
+  transient: false, tw: {}, twTb: {}, shotPlot: null,  // the last transient shot, per "site:NN"
 };
 
 const nn = (ch) => String(ch).padStart(2, "0");
@@ -63,7 +69,8 @@ function connect() {
   if (state.ws) state.ws.close();
   state.card = state.cards[+$("card").value];
   Object.assign(state, { values: {}, wf: {}, spec: {}, freq: {}, subscribed: new Set(), sites: [],
-                         nchan: {}, knownSites: [], readonly: true, lastRunState: null });
+                         nchan: {}, knownSites: [], readonly: true, lastRunState: null,
+                         transient: false, tw: {}, twTb: {} });
   $("gains").innerHTML = ""; $("channels").innerHTML = ""; $("save-sites").innerHTML = "";
   const token = $("token").value;
   const proto = location.protocol === "https:" ? "wss:" : "ws:";
@@ -72,7 +79,7 @@ function connect() {
   state.ws = ws;
   ws.onopen = () => {
     $("link").textContent = "connected"; $("link").className = "good";
-    subscribe(STATUS);
+    subscribe(STATUS.concat(SHOT_PVS));
     showAccess();
   };
   ws.onclose = () => {
@@ -152,12 +159,15 @@ function update(msg) {
   const site = suffix.match(/^(\d+):(NCHAN|MODEL|GAIN:ALL|GAIN:(\d\d))$/);
   if (suffix === "SITES" && cur.text !== undefined) setSites(cur.text);
   else if (site && site[2] === "NCHAN" && cur.value !== undefined) setNchan(+site[1], +cur.value);
-  else if (site && site[2].startsWith("GAIN")) showGain(suffix, cur);
+  else if (site && site[2].startsWith("GAIN")) showSelect(suffix, cur);
   else if (suffix === "TRIGGERS") fillTriggers(cur.text);
   else if (suffix === "LAST_ERROR") lastErrorChanged(cur, msg, before);
   else if (suffix === "RUN:TRIGGER_ARGS" && !$("run-trigger-args").value && cur.text !== "{}") {
     $("run-trigger-args").value = cur.text || "";
   }
+  else if (suffix === "MODE") modeChanged(cur);
+  else if (suffix.startsWith(TR)) showShotSetting(suffix, cur);
+  else if (suffix === "SHOT") drawShot();
   else if (suffix === "RUN:RECENT") showRecent(cur.text);
   else if (suffix === "RUN:LAST_RESULT") showLastRun(cur.text, first);
   else if (suffix === "RUN:STATE_RBV") runStateChanged(cur.value);
@@ -180,7 +190,7 @@ function update(msg) {
 
 // Setpoint fields start at the card's values; what the user typed is kept.
 const FIELDS = { CLKDIV_RBV: ["clkdiv", 1], SAMPLE_RATE_RBV: ["rate-khz", 1e-3], EXT_CLOCK_FREQ: ["ext-freq", 1],
-                 "RUN:DOWNSAMPLE": ["run-ds", 1] };
+                 "RUN:DOWNSAMPLE": ["run-ds", 1], [TR + "PRE"]: ["tr-pre", 1], [TR + "POST"]: ["tr-post", 1] };
 function fillInput(suffix, v) {
   const f = FIELDS[suffix];
   if (f && !$(f[0]).value) $(f[0]).value = +(v * f[1]).toPrecision(9);
@@ -260,10 +270,10 @@ function buildGains() {
     div.querySelector("button").addEventListener("click", () => write(`${s}:GAIN:ALL`, +$(`gain-all-${s}`).value));
     div.querySelector("button").disabled = state.readonly;
   }
-  for (const [suffix, cur] of Object.entries(state.values)) if (/:GAIN:/.test(suffix)) showGain(suffix, cur);
+  for (const [suffix, cur] of Object.entries(state.values)) if (/:GAIN:/.test(suffix)) showSelect(suffix, cur);
 }
 
-function showGain(suffix, cur) {
+function showSelect(suffix, cur) {
   const sel = document.querySelector(`[data-pv-select="${CSS.escape(suffix)}"]`);
   if (!sel || !cur.labels) return;
   if (sel.options.length !== cur.labels.length) {
@@ -375,12 +385,14 @@ function resubscribePlots() {
   state.wf = {}; state.spec = {};
   for (const p of [state.wfPlot, state.specPlot]) if (p) p.destroy();
   state.wfPlot = state.specPlot = null;
+  resubscribeShot();
 }
 
 function array(suffix, arr) {
-  const m = suffix.match(/^(\d+):AI:(WF|SPEC):(\d\d|FREQ|TB)(:V)?$/);
+  const m = suffix.match(/^(\d+):AI:(WF|SPEC|TW):(\d\d|FREQ|TB)(:V)?$/);
   if (!m) return;
   const key = `${m[1]}:${m[3]}`;
+  if (m[2] === "TW") { shotArray(m[1], key, m[3] === "TB", Boolean(m[4]), arr); return; }
   if (m[2] === "SPEC" && m[3] === "FREQ") { state.freq[m[1]] = arr; return; }
   if (m[2] === "SPEC") { state.spec[key] = arr; drawSpectra(); return; }
   if ((state.units === "V") !== Boolean(m[4])) return;  // the other unit, still on its way out
@@ -429,6 +441,112 @@ function drawSpectra() {
   const floor = state.fftLog ? (v) => (v > 1e-12 ? v : 1e-12) : (v) => v;  // a log axis cannot show zero
   state.specPlot.setData([Array.from(freq.subarray(0, n))].concat(
     keys.map((k) => Array.from(state.spec[k].subarray(0, n), floor))));
+}
+
+// --- transient shots ---
+
+// The last shot's waveforms of the plotted channels, in the page's unit, while in TRANSIENT.
+function shotSuffixes() {
+  if (!state.transient) return [];
+  const out = [];
+  for (const key of state.plotChans) {
+    const [s, ch] = key.split(":");
+    if (state.nchan[+s]) out.push(`${s}:AI:TW:${ch}` + (state.units === "V" ? ":V" : ""), `${s}:AI:TW:TB`);
+  }
+  return [...new Set(out)];
+}
+
+function resubscribeShot() {
+  const want = shotSuffixes();
+  unsubscribe([...state.subscribed].filter((s) => /:AI:TW:/.test(s) && !want.includes(s)));
+  subscribe(want);  // a new subscription brings the last shot at once (TB stays: still subscribed)
+  state.tw = {};
+  if (state.shotPlot) state.shotPlot.destroy();
+  state.shotPlot = null;
+}
+
+function shotArray(site, key, isTb, volts, arr) {
+  if (isTb) state.twTb[site] = arr;
+  else if ((state.units === "V") === volts) state.tw[key] = arr;
+  drawShot();
+}
+
+function drawShot() {
+  if (!(value("SHOT") > 0)) return;  // no shot yet: the waveforms hold nothing
+  const keys = [...state.plotChans].filter((k) => state.tw[k] && state.twTb[k.split(":")[0]]);
+  if (!keys.length) return;
+  const tb = state.twTb[keys[0].split(":")[0]];
+  const n = Math.min(tb.length, ...keys.map((k) => state.tw[k].length));
+  if (!state.shotPlot || state.shotPlot.series.length !== keys.length + 1) {
+    if (state.shotPlot) state.shotPlot.destroy();
+    state.shotPlot = makePlot($("shot-plot"), "ms from trigger", state.units === "V" ? "V" : "ADC", keys,
+                              false, { hooks: { draw: [drawTriggerLine] } });
+  }
+  state.shotPlot.setData([Array.from(tb.subarray(0, n), (t) => t * 1e3)].concat(
+    keys.map((k) => Array.from(state.tw[k].subarray(0, n)))));
+}
+
+// The trigger, t = 0, as a vertical line over the series.
+function drawTriggerLine(u) {
+  const x = Math.round(u.valToPos(0, "x", true));
+  const { left, top, width, height } = u.bbox;
+  const el = $("shot-plot");
+  if (x < left || x > left + width) { delete el.dataset.triggerX; return; }
+  const c = u.ctx;
+  c.save();
+  c.strokeStyle = c.fillStyle = TRIGGER_LINE;
+  c.lineWidth = 2 * devicePixelRatio;
+  c.beginPath(); c.moveTo(x, top); c.lineTo(x, top + height); c.stroke();
+  c.font = `${11 * devicePixelRatio}px sans-serif`;
+  c.fillText("trigger", x + 4 * devicePixelRatio, top + 12 * devicePixelRatio);
+  c.restore();
+  el.dataset.triggerX = x;  // canvas pixels, for whoever checks the drawing
+}
+
+function modeChanged(cur) {
+  showSelect("MODE", cur);
+  const transient = labelOf(cur) === "TRANSIENT";
+  $("transient").hidden = $("shot-box").hidden = !transient;
+  if (transient === state.transient) return;
+  state.transient = transient;
+  resubscribeShot();
+}
+
+function showShotSetting(suffix, cur) {
+  const yes = labelOf(cur) === "Yes";
+  if (suffix === TR + "SOFT_TRIGGER") $("tr-self").checked = yes;
+  else if (suffix === TR + "AUTO_REARM") $("tr-rearm").checked = yes;
+  else if (suffix === TR + "TRIGGER") showTrigger(cur.text);
+  else if (typeof cur.value === "number") fillInput(suffix, cur.value);
+}
+
+// TRIGGER is "soft" or "dN rising|falling".
+function showTrigger(textValue) {
+  const [line, edge] = String(textValue || "soft").trim().toLowerCase().split(/\s+/);
+  const src = $("tr-source");
+  src.value = line;
+  if (src.value !== line) src.value = "soft";
+  $("tr-edge").value = edge === "falling" ? "falling" : "rising";
+  $("tr-edge").disabled = src.value === "soft";
+}
+
+function triggerText() {
+  const line = $("tr-source").value;
+  return line === "soft" ? "soft" : `${line} ${$("tr-edge").value}`;
+}
+
+// Arm writes the shot's settings first, as Start writes the run's.
+function arm() {
+  showMessage("");
+  const pre = Number($("tr-pre").value), post = Number($("tr-post").value);
+  if (!Number.isInteger(pre) || pre < 0) { showMessage("PRE: give a whole number of samples, 0 or more"); return; }
+  if (!Number.isInteger(post) || post < 1) { showMessage("POST: give a whole number of samples, 1 or more"); return; }
+  write(TR + "PRE", pre);
+  write(TR + "POST", post);
+  write(TR + "TRIGGER", triggerText());
+  write(TR + "SOFT_TRIGGER", $("tr-self").checked ? 1 : 0);
+  write(TR + "AUTO_REARM", $("tr-rearm").checked ? 1 : 0);
+  write(TR + "SET_ARM", 1);
 }
 
 // --- run control ---
@@ -701,6 +819,12 @@ async function init() {
     write("SITES", on.join(","));
   });
   $("start").addEventListener("click", startRun);
+  $("mode").addEventListener("change", (e) => write("MODE", +e.target.value));
+  $("tr-source").addEventListener("change", () => { $("tr-edge").disabled = $("tr-source").value === "soft"; });
+  $("tr-rearm").addEventListener("change", (e) => write(TR + "AUTO_REARM", e.target.checked ? 1 : 0));
+  $("tr-arm").addEventListener("click", arm);
+  $("tr-abort").addEventListener("click", () => write(TR + "SET_ABORT", 1));
+  $("tr-soft").addEventListener("click", () => write("SIG:SOFT_TRIGGER", 1));
   $("run-trigger").addEventListener("change", () => { state.triggerTouched = true; });
   $("stop").addEventListener("click", () => { state.userStopped = true; write("RUN:STOP", 1); });
   connect();
