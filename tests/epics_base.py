@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from support import free_port, output, random_loopback, running, stop_process
+from support import child_env, free_port, output, random_loopback, running, stop_process
 
 TOOL_TIMEOUT_S = 120.0  # a whole batch of PVs in one tool run, on a loaded machine
 WAIT_S = 5.0  # caget -w: how long a read may take before it counts as not answered
@@ -379,9 +379,12 @@ def dtacq_ioc(base: EpicsBase, config: Path, ready: str, deadline_s: float = 60.
               ) -> Iterator[ServedIoc]:  # fmt: skip
     """`dtacq-ioc run CONFIG --list-pvs` at the suite's CA port on 127.0.0.1; ready once
     every PV is listed and caget reads `ready` (a "NAME=VALUE" condition)."""
-    endpoint = CaEndpoint("127.0.0.1", int(os.environ["EPICS_CA_SERVER_PORT"]), base)
+    # A port of its own: two IOCs at one address and port would split the name searches.
+    port = free_port()
+    endpoint = CaEndpoint("127.0.0.1", port, base)
     probe, _, want = ready.partition("=")
-    with running(["run", str(config), "--list-pvs"]) as proc:
+    env = child_env(EPICS_CA_SERVER_PORT=str(port), EPICS_CAS_SERVER_PORT=str(port))
+    with running(["run", str(config), "--list-pvs"], env=env) as proc:
         deadline = time.monotonic() + deadline_s
         while True:
             if proc.poll() is not None:

@@ -114,6 +114,8 @@ _DRIVE_LONG = {
     "DRVH": _limit("upper_ctrl_limit", _LongField),
     "DRVL": _limit("lower_ctrl_limit", _LongField),
 }
+# The linear conversion fields: served (read-only), so a put to them is refused at once.
+_CONVERSION = {"EOFF": (_DoubleField, lambda pv: 0.0), "ESLO": (_DoubleField, lambda pv: 1.0)}
 _TWO_STATE = {"ZNAM": _state_name(0), "ONAM": _state_name(1)}
 _MULTI_STATE = {f"{p}ST": _state_name(i) for i, p in enumerate(STATE_FIELDS)}
 _WAVEFORM = {
@@ -127,8 +129,8 @@ _WAVEFORM = {
 }
 
 FIELDS: dict[str, dict[str, tuple[type, Source]]] = {
-    "ai": {**_analog(_DoubleField), **_PREC},
-    "ao": {**_analog(_DoubleField), **_PREC, **_DRIVE_DOUBLE},
+    "ai": {**_analog(_DoubleField), **_PREC, **_CONVERSION},
+    "ao": {**_analog(_DoubleField), **_PREC, **_DRIVE_DOUBLE, **_CONVERSION},
     "longin": _analog(_LongField),
     "longout": {**_analog(_LongField), **_DRIVE_LONG},
     "bi": _TWO_STATE,
