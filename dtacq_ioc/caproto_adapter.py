@@ -72,6 +72,8 @@ _LEADING_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 def leading_number(value: Any) -> float | None:
     """The number a text starts with, as C's strtod reads it (EPICS base's conversion)."""
     text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    if not text.strip():
+        return 0.0  # EPICS base converts an empty text to 0
     match = _LEADING_NUMBER.match(text)
     return float(match.group(0)) if match else None
 
