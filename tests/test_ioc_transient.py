@@ -64,6 +64,17 @@ def ioc(tmp_path, loopback):
         yield running_ioc
 
 
+def two_cards(tmp_path):
+    """A config of two simulated cards C1 and C2: (path, their hosts, their prefixes)."""
+    hosts = (random_loopback(), random_loopback())
+    prefixes = (new_prefix(), new_prefix())
+    cards = "".join(
+        sim_card_toml(f"C{i + 1}", host, prefix=prefix)
+        for i, (host, prefix) in enumerate(zip(hosts, prefixes, strict=True))
+    )
+    return write_config(tmp_path, cards), hosts, prefixes
+
+
 def test_a_shot_armed_and_soft_triggered_over_ca_is_a_run_of_exactly_the_shot(ioc):
     pre, post = 2000, 3000
     put(ioc.pv("MODE"), "TRANSIENT")
@@ -116,13 +127,7 @@ def test_a_mode_switch_during_a_run_is_refused_and_an_abort_is_recorded(ioc):
 
 
 def test_ten_shots_with_auto_rearm_on_two_cards(tmp_path):
-    hosts = (random_loopback(), random_loopback())
-    prefixes = (new_prefix(), new_prefix())
-    cards = "".join(
-        sim_card_toml(f"C{i + 1}", host, prefix=prefix)
-        for i, (host, prefix) in enumerate(zip(hosts, prefixes, strict=True))
-    )
-    config = write_config(tmp_path, cards)
+    config, hosts, prefixes = two_cards(tmp_path)
     post = 5000
     with ioc_process(config, prefixes[0], hosts[0]) as ioc:
         wait_for(lambda: get(prefixes[1] + "CONNECTED") == 1, "the second card")
@@ -145,13 +150,7 @@ def test_ten_shots_with_auto_rearm_on_two_cards(tmp_path):
 
 
 def test_cards_armed_together_take_one_shot_each_with_one_number(tmp_path):
-    hosts = (random_loopback(), random_loopback())
-    prefixes = (new_prefix(), new_prefix())
-    cards = "".join(
-        sim_card_toml(f"C{i + 1}", host, prefix=prefix)
-        for i, (host, prefix) in enumerate(zip(hosts, prefixes, strict=True))
-    )
-    config = write_config(tmp_path, cards)
+    config, hosts, prefixes = two_cards(tmp_path)
     ioc_prefix = "DTACQ:test:"
     leader, follower = prefixes
     with ioc_process(config, leader, hosts[0]) as ioc:
