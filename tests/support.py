@@ -21,10 +21,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_port(host: str = "127.0.0.1", avoid: range | None = None) -> int:
+    """A free TCP port on `host`, outside `avoid` (ports the caller will bind itself)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if avoid is None or port not in avoid:
+            return port
+
+
+# A simulated card's own fixed ports that the ephemeral range overlaps: its shot data
+# (53000 raw, 53000+ch per channel).
+SIM_CARD_PORTS = range(53000, 53100)
 
 
 def random_loopback() -> str:
@@ -67,7 +76,7 @@ def sim_card_toml(
     faults: str = "",
 ) -> str:
     """One [[cards]] entry with a [cards.sim] table, as TOML text."""
-    ssh_port = ssh_port or free_port(host)
+    ssh_port = ssh_port or free_port(host, avoid=SIM_CARD_PORTS)
     return f"""
 [[cards]]
 name = "{name}"

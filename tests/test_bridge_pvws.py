@@ -165,7 +165,12 @@ def test_writes_need_a_token(served):
 
     async def current(ws, pv):
         await ws.send(json.dumps({"type": "clear", "pvs": [pv]}))
-        return (await subscribe(ws, pv))[pv]
+        await ws.send(json.dumps({"type": "subscribe", "pvs": [pv]}))
+        # A change sent before the clear may still be on its way: the new subscription's
+        # first update is the one that carries the whole state.
+        return await recv_until(
+            ws, lambda m: m.get("type") == "update" and m.get("pv") == pv and "readonly" in m
+        )
 
     async def go():
         async with websockets.connect(url(port)) as ro:
