@@ -86,3 +86,54 @@ def test_a_thousand_refusals_add_a_few_log_lines_and_no_traceback(ioc):
     assert len([line for line in added if "refused" in line]) <= 3, added[:10]
     assert not [line for line in added if "Traceback" in line]
     assert len(added) <= 10, added[:20]
+
+
+HOSTILE_VALUES = (1e300, -1e300, float("nan"), float("inf"), float("-inf"), -1, 99, "",
+                  "not a number", "x" * 10_000)  # fmt: skip
+
+
+def test_a_put_fuzz_over_every_writable_pv_leaves_every_pv_readable(ioc):
+    """Hostile values to every setpoint (actions excepted: they act), then every PV of the
+    card still answers a read of every type family, and a fresh client is served."""
+    from caproto import AccessRights
+    from caproto import ErrorResponseReceived as Refused
+    from caproto.threading.client import Context
+
+    from dtacq_ioc.config import load_config
+    from dtacq_ioc.ioc.cardgroup import served_suffixes
+
+    config = load_config(ioc.config)
+    suffixes = sorted(served_suffixes(config.cards[0], config.ioc))
+    ctx = Context()
+    try:
+        pvs = ctx.get_pvs(*(ioc.pv(s) for s in suffixes), timeout=10)
+        for pv in pvs:
+            pv.wait_for_connection(timeout=10)
+        actions = ("START", "STOP", "RESET", "REBOOT", "SET_ARM", "SET_ABORT", "SOFT_TRIGGER")
+        writable = [
+            pv.name for pv in pvs
+            if pv.channel.access_rights & AccessRights.WRITE and not pv.name.endswith(actions)
+        ]  # fmt: skip
+        assert len(writable) > 20, writable
+    finally:
+        ctx.disconnect()
+    refused = 0
+    for name in writable:
+        for value in HOSTILE_VALUES:
+            try:
+                ca_write(name, value, notify=True, timeout=20)
+            except Refused:
+                refused += 1
+            except (ValueError, TypeError, OverflowError):
+                refused += 1  # the client itself cannot encode it for this PV's type
+    assert refused > len(writable)
+    for suffix in suffixes:
+        for family in (ChannelType.TIME_STRING, ChannelType.CTRL_DOUBLE, ChannelType.CTRL_ENUM):
+            try:
+                ca_read(ioc.pv(suffix), data_type=family, timeout=10)
+            except Refused as exc:  # a failed-read status is an answer; an abort is not
+                assert "read failed" in _message(exc), (suffix, family, _message(exc))
+    # The IOC still serves: a fresh put and read of a setting; nothing it logged is a traceback.
+    ca_write(ioc.pv("RUN:DOWNSAMPLE"), 3, notify=True, timeout=20)
+    assert ca_read(ioc.pv("RUN:DOWNSAMPLE"), timeout=10).data[0] == 3
+    assert "Traceback" not in output(ioc.proc)
