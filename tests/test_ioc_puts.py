@@ -117,6 +117,10 @@ def test_a_put_fuzz_over_every_writable_pv_leaves_every_pv_readable(ioc):
         assert len(writable) > 20, writable
     finally:
         ctx.disconnect()
+    import psutil
+
+    process = psutil.Process(ioc.proc.pid)
+    rss_before = process.memory_info().rss
     refused = 0
     for name in writable:
         for value in HOSTILE_VALUES:
@@ -137,3 +141,5 @@ def test_a_put_fuzz_over_every_writable_pv_leaves_every_pv_readable(ioc):
     ca_write(ioc.pv("RUN:DOWNSAMPLE"), 3, notify=True, timeout=20)
     assert ca_read(ioc.pv("RUN:DOWNSAMPLE"), timeout=10).data[0] == 3
     assert "Traceback" not in output(ioc.proc)
+    grown = (process.memory_info().rss - rss_before) / 2**20
+    assert grown < 50, f"the IOC grew {grown:.0f} MiB over the fuzz"
