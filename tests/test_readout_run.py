@@ -184,6 +184,50 @@ class GatedFile:
         self.f.close()
 
 
+class SteppedFile(GatedFile):
+    """A disk that takes one write (header or chunk) per permit."""
+
+    def __init__(self, path: Path, permits: threading.Semaphore):
+        self.f = open(path, "xb", buffering=0)  # noqa: SIM115
+        self.permits = permits
+
+    def write(self, data) -> int:
+        assert self.permits.acquire(timeout=60), "no permit given"
+        return self.f.write(data)
+
+
+def wait_free(run: Run, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while run.output.writer.pool.free < n:
+        assert time.monotonic() < deadline, f"the writer never freed {n} buffers"
+        time.sleep(0.005)
+
+
+def test_after_an_overrun_a_run_resumes_only_with_half_the_pool_free(tmp_path, catalog):
+    # A writer that stays behind would otherwise start a new file for every buffer.
+    permits = threading.Semaphore(0)
+    run = make_run(tmp_path, catalog, queue_buffers=4, opener=lambda p: SteppedFile(p, permits))
+    f = Feeder()
+    sent = [f.feed(run) for _ in range(4)]  # the pool is full
+    f.feed(run)  # overrun 1
+    permits.release(2)  # the first file's header and chunk 0
+    wait_free(run, 1)
+    f.feed(run)  # one buffer free of four: still dropped (overrun 2)
+    assert run.overruns == 2
+    permits.release()  # chunk 1
+    wait_free(run, 2)
+    resumed = f.feed(run)  # half the pool free: taken, into a new file
+    permits.release(100)
+    finish(run)
+    rec = catalog.get_run(run.run_id)
+    assert rec.overruns == 2 and rec.state == "complete" and rec.samples == 5 * BUF
+    assert len(rec.files) == 2
+    _, c0 = read_dig(rec.files[0].path)
+    _, c1 = read_dig(rec.files[1].path)
+    np.testing.assert_array_equal(c0[0], np.concatenate([b["ai"] for b in sent])[:, 0])
+    np.testing.assert_array_equal(c1[0], resumed["ai"][:, 0])
+
+
 def test_a_stuck_disk_costs_counted_overruns_never_the_stream(tmp_path, catalog):
     gate = threading.Event()
     alarms = []

@@ -84,7 +84,7 @@ class RunOutput:
         per_buf = self.writer.pool.nbytes // self.row_bytes
         start = 0
         while start < len(rows):
-            buf = self.writer.acquire()
+            buf = None if self._waiting_for_room() else self.writer.acquire()
             if buf is None:
                 self._overrun(len(rows) - start)
                 break
@@ -100,6 +100,19 @@ class RunOutput:
             start += take
             first_counter = (first_counter + take * self.downsample) % COUNTER_MODULUS
         return start
+
+    def _waiting_for_room(self) -> bool:
+        """After an overrun, drop until half the pool is free again.
+
+        Resuming with the first free buffer would make a writer that stays behind start
+        a new file (close, fsync, catalog row) for every buffer it gets, which slows it
+        further; waiting gives it long unbroken stretches while it still has half the
+        pool queued, so it never idles and loses no more than it must.
+        """
+        assert self.writer is not None
+        if self.new_file and self.overruns:
+            return self.writer.pool.free < max(1, self.writer.pool.count // 2)
+        return False
 
     def _overrun(self, rows: int) -> None:
         self.overruns += 1
