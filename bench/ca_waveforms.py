@@ -99,6 +99,7 @@ def client_main(args: argparse.Namespace) -> int:
     counts = dict.fromkeys(names, 0)
     seen = dict.fromkeys(names, 0)
     latencies: list[float] = []
+    by_pv: dict[str, list[float]] = {n: [] for n in names}
 
     def on_update(pvname=None, timestamp=None, **_):
         now = time.time()
@@ -106,6 +107,7 @@ def client_main(args: argparse.Namespace) -> int:
         if args.start <= now < args.end:
             counts[pvname] += 1
             latencies.append((now - timestamp) * 1000.0)
+            by_pv[pvname].append(latencies[-1])
 
     pvs = [epics.PV(n, auto_monitor=True, form="time", callback=on_update) for n in names]
     time.sleep(max(0.0, args.start - time.time()))
@@ -120,6 +122,9 @@ def client_main(args: argparse.Namespace) -> int:
         "min_hz": min(rates),
         "not_ready_at_start": late,
         "latencies_ms": latencies,
+        # Median per PV, in the order the server sends a frame's PVs (01 first): a rise
+        # from first to last is the frame's burst, the first PV's is the path of one.
+        "median_by_pv_ms": [statistics.median(by_pv[n]) if by_pv[n] else None for n in names],
     }
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()
@@ -250,8 +255,10 @@ data_dir = "data"
 {card}
 """
     )
-    cmd = [sys.executable, "-m", "dtacq_ioc", "--log-level", "WARNING", "run", str(config)]
-    with process(cmd) as ioc:
+    cmd = [sys.executable, "-m", "dtacq_ioc", "--log-level", "WARNING",
+           "--debug", "dtacq_ioc.timing", "run", str(config)]  # fmt: skip
+    timing = workdir / "timing.log"
+    with timing.open("w") as log, process(cmd, stderr=log) as ioc:
         wait_until(lambda: epics.caget(prefix + "STATE", as_string=True, timeout=1) == "IDLE",
                    "our IOC's card IDLE", ioc)  # fmt: skip
         if epics.caget(prefix + "CLKDIV_RBV") != 100:
@@ -268,10 +275,47 @@ data_dir = "data"
         sim_cpu = 100.0 * (sum(cpu_seconds(p) for p in sims) - sim_cpu0) / (time.monotonic() - t0)
         alone = Row("ours, stream only", [], cpu, rss,
                     f"stream {mbps:.1f} MB/s; simulator process {sim_cpu:.0f}% CPU")  # fmt: skip
+        window_start = time.time()
         results, cpu, rss = measure(ioc, prefix, args, args.clients)
         errors = epics.caget(prefix + "STREAM:COUNTER_ERRORS")
-        loaded = Row("ours", results, cpu, rss, f"counter errors {errors}")
+        steps = frame_steps(timing.read_text(), window_start + CONNECT_S, time.time())
+        loaded = Row("ours", results, cpu, rss, f"counter errors {errors}\n{steps}")
     return [alone, loaded]
+
+
+def frame_steps(text: str, start: float, end: float) -> str:
+    """Where a frame's time goes, from the IOC's dtacq_ioc.timing lines: the frame is
+    stamped, its messages built (publish), then sent to each client in turn."""
+    frames: list[tuple[float, float]] = []
+    sends: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        words = line.split()
+        if "stamped" in words:
+            stamp, built = float(words[words.index("stamped") + 1]), float(words[-1])
+            if start <= stamp < end:
+                frames.append((stamp, built))
+        elif "started" in words:
+            sends.append((float(words[words.index("started") + 1]),
+                          float(words[words.index("ended") + 1])))  # fmt: skip
+    build, first, each, last = [], [], [], []
+    for i, (stamp, built) in enumerate(frames):
+        nxt = frames[i + 1][0] if i + 1 < len(frames) else end
+        mine = [s for s in sends if stamp <= s[0] < nxt]
+        if not mine:
+            continue
+        build.append(built - stamp)
+        first.append(mine[0][0] - stamp)
+        each.extend(b - a for a, b in mine)
+        last.append(mine[-1][1] - stamp)
+    if not build:
+        return "no timing lines from the IOC"
+
+    def ms(values: list[float]) -> str:
+        return f"{1000 * statistics.median(values):.1f}/{1000 * percentile(values, 0.95):.1f}"
+
+    return (f"frame steps, median/p95 ms over {len(build)} frames: stamp -> messages built "
+            f"{ms(build)}, -> first send {ms(first)}; one client's send {ms(each)}; "
+            f"stamp -> last send done {ms(last)}")  # fmt: skip
 
 
 def softioc_row(args: argparse.Namespace) -> Row:
@@ -301,10 +345,17 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
         p95 = f"{percentile(lat, 0.95):.1f}" if lat else "-"
         rss = f"{r.rss_mb[0]:.0f}/{r.rss_mb[1]:.0f}"
         out(f"{r.server:<20}{hz:<36}{r.cpu_pct:>7.1f}{rss:>16}{med:>11}{p95:>8}\n")
+        by_pv = [c.get("median_by_pv_ms") or [] for c in r.clients]
+        if by_pv and all(by_pv) and all(None not in b for b in by_pv):
+            first = statistics.median(b[0] for b in by_pv)
+            last = statistics.median(b[-1] for b in by_pv)
+            lat_text = f"median latency: first PV of a frame {first:.1f} ms, last {last:.1f} ms"
+            out(f"{'':<20}{lat_text}\n")
         late = sum(len(c["not_ready_at_start"]) for c in r.clients)
         if r.extra or late:
             note = f"; {late} PVs had no update at window start" if late else ""
-            out(f"{'':<20}{r.extra}{note}\n")
+            for i, extra in enumerate(r.extra.splitlines()):
+                out(f"{'':<20}{extra}{note if i == 0 else ''}\n")
     by = {r.server: r for r in rows}
     if "ours" in by and "pythonSoftIOC" in by:
         a, b = by["ours"], by["pythonSoftIOC"]

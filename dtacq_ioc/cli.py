@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtacq-ioc", description=__doc__)
     parser.add_argument("--version", action="version", version=f"dtacq-ioc {__version__}")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument(
+        "--debug",
+        action="append",
+        default=[],
+        metavar="LOGGER",
+        help="log this logger at DEBUG whatever --log-level says (repeatable), e.g. "
+        "dtacq_ioc.timing for the time each frame takes to publish and send",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the IOC (and the simulator for simulated cards)")
@@ -102,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         # caproto logs every client and channel connect at INFO: a line per caget.
         for name in ("caproto.ch", "caproto.ctx"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    for name in args.debug:
+        logging.getLogger(name).setLevel(logging.DEBUG)
     try:
         config = _load(args)
     except ConfigError as exc:

@@ -41,6 +41,7 @@ from dtacq_ioc.caproto_adapter import (
 )
 
 log = logging.getLogger(__name__)
+timing = logging.getLogger("dtacq_ioc.timing")  # see the CLI's --debug
 
 MAX_BUFFER_BYTES = 8 << 20  # per client: about two frames of 16 x 100k int16
 SUBSCRIPTION_ID_OFFSET = 12  # parameter2 in both the short and the extended CA header
@@ -138,8 +139,15 @@ class Fanout:
         live = [e for e in waiting.values() if e.sub in circuit.subscriptions.get(e.spec, ())]
         buffers = [b for e in live for b in e.buffers]
         transport = circuit_transport(circuit)
-        _queue(transport, buffers, _sendmsg(transport, buffers) if direct else 0)
+        started = time.time()
+        sent = _sendmsg(transport, buffers) if direct else 0
+        _queue(transport, buffers, sent)
         self.sent += len(live)
+        if timing.isEnabledFor(logging.DEBUG):
+            total = sum(_size(b) for b in buffers)
+            timing.debug("send %s:%d started %.6f ended %.6f bytes %d queued %d",
+                         *circuit.circuit.address, started, time.time(), total,
+                         total - sent)  # fmt: skip
 
     async def _drain(self, circuit: Any, writer: asyncio.StreamWriter) -> None:
         """Wait for a slow client to take what is queued, then send its newest updates."""

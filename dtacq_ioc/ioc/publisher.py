@@ -29,6 +29,7 @@ from dtacq_ioc.readout.display import Axes, DisplayStage, Snapshot
 from dtacq_ioc.readout.triggers import TriggerRegistry
 
 log = logging.getLogger(__name__)
+timing = logging.getLogger("dtacq_ioc.timing")  # see the CLI's --debug
 
 RECENT_RUNS = 20
 
@@ -167,6 +168,10 @@ class Publisher:
         if snap is not None:
             self._new_frame(snap, upd)
         await self.pvs.publish(upd)
+        if snap is not None and timing.isEnabledFor(logging.DEBUG):
+            # The frame's messages are built; the fan-out sends them when the loop next turns.
+            timing.debug("frame %s stamped %.6f built %.6f", self.ctx.config.name,
+                         upd.timestamp, time.time())  # fmt: skip
         await self._report_finished_run()
 
     def _stream_values(self, upd: Update, connected: bool) -> None:
