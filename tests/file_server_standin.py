@@ -114,13 +114,10 @@ class FileServerStandIn:
                     self._answer(405, {"error": "method_not_allowed"})
 
             def do_PUT(self) -> None:
-                target = self._target()
+                target = self._permitted(write=True)
                 if target is None:
                     return
                 db, doc_id, name, path = target
-                if not self._allowed(db, doc_id, write=True):
-                    self._answer(403, {"error": True, "reason": "forbidden"})
-                    return
                 server.puts.append(self.path)
                 if name in server.refuse:
                     self.rfile.read(int(self.headers["Content-Length"]))
@@ -147,13 +144,10 @@ class FileServerStandIn:
                 if self.path.split("?")[0] == "/_session":
                     self._session()
                     return
-                target = self._target()
+                target = self._permitted(write=False)
                 if target is None:
                     return
-                db, doc_id, _, path = target
-                if not self._allowed(db, doc_id, write=False):
-                    self._answer(403, {"error": True, "reason": "forbidden"})
-                    return
+                path = target[3]
                 if not path.is_file():
                     self._answer(404, {"error": "not_found", "reason": "no such file"})
                     return
@@ -170,16 +164,22 @@ class FileServerStandIn:
                 self.wfile.write(data)
 
             def do_DELETE(self) -> None:
-                target = self._target()
+                target = self._permitted(write=True)
                 if target is None:
                     return
                 db, doc_id, name, path = target
-                if not self._allowed(db, doc_id, write=True):
-                    self._answer(403, {"error": True, "reason": "forbidden"})
-                    return
                 path.unlink(missing_ok=True)
                 server.record(db, doc_id, name, None)
                 self._answer(200, {"ok": True})
+
+            def _permitted(self, write: bool) -> tuple[str, str, str, Path] | None:
+                """The request's (db, doc, attachment, path) when its session may; else
+                answered (404 or 403) and None."""
+                target = self._target()
+                if target is not None and not self._allowed(target[0], target[1], write=write):
+                    self._answer(403, {"error": True, "reason": "forbidden"})
+                    return None
+                return target
 
             def _answer(self, status: int, body: dict) -> None:
                 data = json.dumps(body).encode()
