@@ -11,9 +11,12 @@ Run as a script: ``python tests/bridge_helpers.py PREFIX [RATE_HZ [NPOINTS [NWAV
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -209,3 +212,35 @@ async def recv_until(ws, pred, timeout: float = 10.0) -> dict:
 if __name__ == "__main__":
     os.environ.setdefault("EPICS_CAS_INTF_ADDR_LIST", "127.0.0.1")
     ioc_main(sys.argv[1:])
+
+
+def raw_websocket(port: int, path: str = "/pvws/pv", rcvbuf: int = 0) -> socket.socket:
+    """A WebSocket client on a bare socket (the handshake done), for what a library client
+    would never send or do; `rcvbuf` shrinks its receive buffer."""
+    sock = socket.socket()
+    sock.settimeout(10)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert b" 101 " in head.split(b"\r\n")[0]
+    return sock
+
+
+def client_frame(payload: bytes, opcode: int = 1) -> bytes:
+    """One masked, final client frame (up to 64 KiB) of `payload`."""
+    assert len(payload) < 65536
+    mask = os.urandom(4)
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    n = len(payload)
+    size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n)
+    return bytes([0x80 | opcode]) + size + mask + body

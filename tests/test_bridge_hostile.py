@@ -5,16 +5,20 @@ bench/hostile.py."""
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import socket
-import struct
 import time
 
 import psutil
 import pytest
-from bridge_helpers import bridge_config, bridge_process, generic_ioc, new_port
+from bridge_helpers import (
+    bridge_config,
+    bridge_process,
+    client_frame,
+    generic_ioc,
+    new_port,
+    raw_websocket,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import output
@@ -249,39 +253,15 @@ def test_fuzz_of_hostile_messages_on_both_protocols(served):
 # -- closed sockets, oversized messages, bad URLs --
 
 
-def _raw_ws(port: int, path: str = "/pvws/pv") -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert b" 101 " in head.split(b"\r\n")[0]
-    return sock
-
-
-def _frame(payload: bytes, opcode: int = 1) -> bytes:
-    mask = os.urandom(4)
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    n = len(payload)
-    size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n)
-    return bytes([0x80 | opcode]) + size + mask + body
-
-
 def test_replies_and_updates_meeting_a_closing_socket_are_dropped_quietly(served):
     port, proc = served
     for i in range(20):
         # Updates at 20 Hz, then a text frame that is not UTF-8: the bridge starts its close
         # and waits for the client's, which never comes; updates keep arriving meanwhile.
-        sock = _raw_ws(port)
+        sock = raw_websocket(port)
         sub = {"type": "subscribe", "pvs": ["GEN:COUNT", "GEN:WF00", "GEN:WF01"]}
-        sock.sendall(_frame(json.dumps(sub).encode()))
-        sock.sendall(_frame(b'{"type":"echo","x":"\xc0\xae"}'))
+        sock.sendall(client_frame(json.dumps(sub).encode()))
+        sock.sendall(client_frame(b'{"type":"echo","x":"\xc0\xae"}'))
         # The nEDM protocol: a reply due after a search that takes SEARCH_S, closed before.
         with connect(f"ws://127.0.0.1:{port}/legacy") as old:
             old.send(json.dumps({"cmd": "requestBufferStream", "args": {"ip_addr": "127.0.0.1"}}))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import socket
 import struct
 import threading
@@ -13,7 +11,14 @@ import time
 import numpy as np
 import psutil
 import pytest
-from bridge_helpers import bridge_config, bridge_process, generic_ioc, new_port
+from bridge_helpers import (
+    bridge_config,
+    bridge_process,
+    client_frame,
+    generic_ioc,
+    new_port,
+    raw_websocket,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.sync.client import connect
@@ -106,38 +111,6 @@ def test_ten_thousand_malformed_messages(served):
         assert seen >= 5
 
 
-def _handshake(port: int) -> socket.socket:
-    """A real WebSocket client on a raw socket with a tiny receive buffer, never reading."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET /pvws/pv HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert b" 101 " in head.split(b"\r\n")[0]
-    return sock
-
-
-def _send_text(sock: socket.socket, text: str) -> None:
-    payload = text.encode()
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    assert len(payload) < 65536
-    size = (
-        bytes([0x80 | len(payload)])
-        if len(payload) < 126
-        else (bytes([0x80 | 126]) + struct.pack(">H", len(payload)))
-    )
-    sock.sendall(b"\x81" + size + mask + masked)
-
-
 def test_client_that_stops_reading_is_dropped_and_memory_stays_bounded(served):
     port, proc = served
     bridge = psutil.Process(proc.pid)
@@ -159,9 +132,9 @@ def test_client_that_stops_reading_is_dropped_and_memory_stays_bounded(served):
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     rss0 = bridge.memory_info().rss
-    slow = _handshake(port)
+    slow = raw_websocket(port, rcvbuf=4096)
     local = slow.getsockname()
-    _send_text(slow, json.dumps({"type": "subscribe", "pvs": wfs}))
+    slow.sendall(client_frame(json.dumps({"type": "subscribe", "pvs": wfs}).encode()))
     t0 = time.monotonic()
     peak = rss0
     dropped_after = None
@@ -209,8 +182,10 @@ def test_paused_client_gets_the_latest_value_when_it_resumes(served):
     """While a client is not reading, updates per PV merge: on resume it gets the latest."""
     port, _ = served
     wfs = [f"GEN:WF{i:02d}" for i in range(16)]
-    sock = _handshake(port)
-    _send_text(sock, json.dumps({"type": "subscribe", "pvs": [*wfs, "GEN:COUNT"]}))
+    sock = raw_websocket(port, rcvbuf=4096)
+    sock.sendall(
+        client_frame(json.dumps({"type": "subscribe", "pvs": [*wfs, "GEN:COUNT"]}).encode())
+    )
     paused_s = 1.2  # shorter than the 2 s after which the bridge drops a client
     time.sleep(paused_s)  # the point of the test: a client that does not read for a while
     resumed = time.time()
@@ -235,8 +210,8 @@ def test_paused_client_gets_the_latest_value_when_it_resumes(served):
 
 def test_ping_message_sends_a_websocket_ping_frame(served):
     port, _ = served
-    sock = _handshake(port)
+    sock = raw_websocket(port, rcvbuf=4096)
     sock.settimeout(5)
-    _send_text(sock, json.dumps({"type": "ping"}))
+    sock.sendall(client_frame(json.dumps({"type": "ping"}).encode()))
     assert _read_frame(sock, opcode=0x9), "expected a ping frame"
     sock.close()
