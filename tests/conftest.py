@@ -84,6 +84,18 @@ class PouchServer:
             stop_process(self.proc)
         self.proc = None
 
+    def archive(self, data_dir, file_server: str = "", **extra):
+        """An archive config writing to this server as the writer (extra: ArchiveConfig's)."""
+        from dtacq_ioc.config import ArchiveConfig, CouchConfig, Secret
+
+        user, password = COUCH_WRITER
+        couchdb = CouchConfig(
+            url=Secret(literal=self.url), db=Secret(literal=COUCH_DB),
+            user=Secret(literal=user), password=Secret(literal=password),
+            file_server=file_server,
+        )  # fmt: skip
+        return ArchiveConfig(backend="couchdb", data_dir=data_dir, couchdb=couchdb, **extra)
+
     def settings(self, auth: str = "cookie", user=COUCH_WRITER, file_server: str = ""):
         from dtacq_ioc.archive.couchdb import CouchSettings
 

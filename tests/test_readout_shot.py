@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from card_helpers import card_config, connected, simulated
-from conftest import COUCH_WRITER
 from sim_helpers import signal_table
 
 from dtacq_ioc.archive.catalog import CouchCatalog, open_catalog
@@ -13,7 +12,6 @@ from dtacq_ioc.archive.couchdb import CouchClient
 from dtacq_ioc.archive.dig import read_run
 from dtacq_ioc.archive.sqlite import SqliteCatalog
 from dtacq_ioc.card.transient import ShotIncomplete, TransientSettings, TriggerSource
-from dtacq_ioc.config import ArchiveConfig, CouchConfig, Secret
 from dtacq_ioc.readout.run import RunSettings, SettingsError, StreamInfo
 from dtacq_ioc.readout.shot import ShotInfo, archive_shot
 from dtacq_ioc.readout.transform import ChannelMap, SiteChannels
@@ -134,17 +132,7 @@ def test_a_short_shot_is_recorded_as_a_fault_with_what_came(shot_rig, tmp_path):
 def test_a_shot_reaches_couchdb_like_any_run(shot_rig, pouchdb, tmp_path):
     _, card, settings = shot_rig
     shot = card.transient().read_shot()
-    user, password = COUCH_WRITER
-    archive = ArchiveConfig(
-        backend="couchdb",
-        data_dir=tmp_path / "data",
-        couchdb=CouchConfig(
-            url=Secret(literal=pouchdb.url),
-            db=Secret(literal="measurements"),
-            user=Secret(literal=user),
-            password=Secret(literal=password),
-        ),
-    )
+    archive = pouchdb.archive(tmp_path / "data")
     catalog = open_catalog(archive)
     assert isinstance(catalog, CouchCatalog)
     try:

@@ -191,17 +191,8 @@ def test_refused_for_bad_credentials(pouchdb, tmp_path):
 
 @pytest.mark.parametrize("mode", ["native", "file_server"])
 def test_couch_catalog_end_to_end(pouchdb, file_server, tmp_path, mode):
-    user, password = COUCH_WRITER
-    archive = ArchiveConfig(
-        backend="couchdb",
-        data_dir=tmp_path / "data",
-        couchdb=CouchConfig(
-            url=Secret(literal=pouchdb.url),
-            db=Secret(literal="measurements"),
-            user=Secret(literal=user),
-            password=Secret(literal=password),
-            file_server=file_server.url if mode == "file_server" else "",
-        ),
+    archive = pouchdb.archive(
+        tmp_path / "data", file_server=file_server.url if mode == "file_server" else ""
     )
     catalog = open_catalog(archive)
     assert isinstance(catalog, CouchCatalog)
@@ -245,20 +236,6 @@ def test_interrupted_run_is_spooled_at_recovery(tmp_path):
         catalog.close()
 
 
-def couch_archive(pouchdb: PouchServer, tmp_path: Path, file_server: str = "") -> ArchiveConfig:
-    user, password = COUCH_WRITER
-    return ArchiveConfig(
-        backend="couchdb",
-        data_dir=tmp_path / "data",
-        retry_max_s=0.4,
-        couchdb=CouchConfig(
-            url=Secret(literal=pouchdb.url), db=Secret(literal="measurements"),
-            user=Secret(literal=user), password=Secret(literal=password),
-            file_server=file_server,
-        ),
-    )  # fmt: skip
-
-
 def wait_until(predicate, what: str, timeout: float = 30.0):
     import time
 
@@ -274,7 +251,7 @@ def wait_until(predicate, what: str, timeout: float = 30.0):
 def test_document_at_start_and_files_as_they_close(pouchdb, file_server, tmp_path):
     """As the old server did: the document goes in when the run starts (its timestamp is
     the start), each file when it closes; the end adds our fields and keeps the stamp."""
-    catalog = open_catalog(couch_archive(pouchdb, tmp_path, file_server.url))
+    catalog = open_catalog(pouchdb.archive(tmp_path / "data", file_server.url, retry_max_s=0.4))
     settings = pouchdb.settings(file_server=file_server.url)
     try:
         record = run_record(tmp_path, run_id="run-live", sizes=(2000, 3000))
@@ -305,7 +282,7 @@ def test_document_at_start_and_files_as_they_close(pouchdb, file_server, tmp_pat
 
 
 def test_upload_without_files_posts_the_document_alone(pouchdb, tmp_path):
-    catalog = open_catalog(couch_archive(pouchdb, tmp_path))
+    catalog = open_catalog(pouchdb.archive(tmp_path / "data", retry_max_s=0.4))
     try:
         record = run_record(tmp_path, run_id="run-nosave", sizes=())
         catalog.run_started(RunRecord(run_id=record.run_id, card="DIG1", upload=True))
@@ -320,7 +297,7 @@ def test_upload_without_files_posts_the_document_alone(pouchdb, tmp_path):
 
 
 def test_three_runs_through_the_file_server_each_delivered_once(pouchdb, file_server, tmp_path):
-    catalog = open_catalog(couch_archive(pouchdb, tmp_path, file_server.url))
+    catalog = open_catalog(pouchdb.archive(tmp_path / "data", file_server.url, retry_max_s=0.4))
     try:
         records = [run_record(tmp_path, run_id=f"run-{i}", sizes=(4000, 500)) for i in range(3)]
         for record in records:
