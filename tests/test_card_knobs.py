@@ -134,6 +134,27 @@ def test_silent_card_times_out_within_the_timeout():
         k.close()
 
 
+def test_a_peer_that_accepts_then_closes_is_a_card_error():
+    """A card going down for a reboot accepts, then closes before the prompt: the
+    caller gets a lost connection (a CardError, which wait_ready retries)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def close_each() -> None:
+            conn, _ = server.accept()
+            conn.close()
+
+        closer = threading.Thread(target=close_each, daemon=True)
+        closer.start()
+        k = KnobClient("GOING", "127.0.0.1", 0, port, timeout=2.0)
+        with pytest.raises(CardError, match="GOING site 0: MODEL: connection lost"):
+            k.query("MODEL")
+        closer.join(2)
+        k.close()
+
+
 def test_knob_delay_times_out_then_recovers(sim_host):
     slow = client(sim_host, 0, timeout=10.0)
     fast = client(sim_host, 1, timeout=0.5)

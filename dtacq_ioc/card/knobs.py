@@ -109,6 +109,11 @@ class KnobClient:
         self._sock = sock
         try:
             self._exchange(sock, "prompt on", knob, deadline)
+        except _Broken as exc:
+            # A card that accepts and then closes (it is going down for a reboot)
+            # is a lost connection like any other, which wait_ready() retries.
+            self._drop()
+            raise self._lost(knob, exc) from None
         except BaseException:
             self._drop()
             raise
