@@ -36,6 +36,7 @@ class SettingHandlers(Protocol):
     async def put_ext_clock(self, value: Any) -> Any: ...
     async def put_ext_clock_freq(self, value: Any) -> Any: ...
     async def put_buffer_size(self, value: Any) -> Any: ...
+    async def put_sites(self, value: Any) -> Any: ...
     async def put_gain(self, site: int, channel: int | None, value: Any) -> Any: ...
 
 
@@ -98,14 +99,20 @@ class SiteLayout:
         return range(self.first, self.first + self.spec.nchan)
 
 
-def site_layouts(card: CardConfig) -> list[SiteLayout]:
+def site_layouts(card: CardConfig, sites: tuple[int, ...] | None = None) -> list[SiteLayout]:
+    """The layouts of `sites` (default: the config's) as a stream aggregating them has them."""
     layouts, first = [], 0
-    for site in card.sites:
+    for site in card.sites if sites is None else sites:
         spec = module_spec(card.modules[site])
         labels = card.gain_labels.get(spec.name) or spec.gain_labels
         layouts.append(SiteLayout(site, spec, first, labels))
         first += spec.nchan
     return layouts
+
+
+def sites_text(sites: tuple[int, ...]) -> str:
+    """SITES as it reads: "1,2"."""
+    return ",".join(map(str, sites))
 
 
 def _attr(suffix: str) -> str:
@@ -165,7 +172,8 @@ def _card_pvs(card: CardConfig, sites: list[SiteLayout], h: Handlers) -> dict[st
         "SERIAL": p.string("SERIAL", "Carrier serial number", alarm_group=LINK),
         "FW:SW": p.string("FW:SW", "Card software version", alarm_group=LINK),
         "FW:FPGA": p.long_string("FW:FPGA", "Card FPGA image", alarm_group=LINK),
-        "SITES": p.string("SITES", "Sites read out", value=",".join(map(str, card.sites))),
+        "SITES": p.string("SITES", "Sites read out", value=sites_text(card.sites),
+                          put=st.put_sites, saved=True),
         "CLKDIV": p.integer("CLKDIV", "Clock divider", value=specs[0].default_clkdiv,
                             limits=(clk_lo, clk_hi), put=st.put_clkdiv, saved=True),
         "CLKDIV_RBV": p.integer("CLKDIV_RBV", "Clock divider readback", alarm_group=LINK),
@@ -380,6 +388,7 @@ class _Unbound:
         raise pvs.PutRefused("this PV group serves no card")
 
     put_clkdiv = put_ext_clock = put_ext_clock_freq = put_buffer_size = put_gain = _refuse
+    put_sites = _refuse
     start = stop = reset = reboot = _refuse
     put_mode = put_pre = put_post = put_osam = put_demux = put_soft_trigger = _refuse
     put_trigger = put_auto_rearm = arm = abort = soft_trigger = _refuse

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from dtacq_ioc.card.errors import CardError
 from dtacq_ioc.card.transient import OnLink, OnStatus, Transient
 from dtacq_ioc.config import CardConfig, IocConfig
-from dtacq_ioc.ioc.cardgroup import SiteLayout, Update
+from dtacq_ioc.ioc.cardgroup import SiteLayout, Update, site_layouts
 from dtacq_ioc.ioc.pvs import PutRefused
 from dtacq_ioc.readout.run import RunSettings, StreamInfo
 from dtacq_ioc.readout.transform import ChannelMap
@@ -80,6 +80,7 @@ class CardContext:
     busy: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_error: str = ""
     readbacks: dict[str, Any] = field(default_factory=dict)  # what the card said, by suffix
+    _layouts: dict[tuple[int, ...], list[SiteLayout]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -105,6 +106,19 @@ class CardContext:
 
     def refuse(self, message: str) -> PutRefused:
         return PutRefused(f"{self.name}: {message}")
+
+    def layouts(self, sites: tuple[int, ...]) -> list[SiteLayout]:
+        """The layouts of a stream aggregating `sites`: where each site's columns are in it."""
+        got = self._layouts.get(sites)
+        if got is None:
+            got = self._layouts[sites] = site_layouts(self.config, sites)
+        return got
+
+    def stream_layouts(self, channel_map: ChannelMap | None) -> list[SiteLayout]:
+        """The layouts of the stream `channel_map` describes (the config's sites if none)."""
+        if channel_map is None:
+            return self.sites
+        return self.layouts(tuple(s.site for s in channel_map.sites))
 
     def site(self, site: int) -> SiteLayout:
         for layout in self.sites:

@@ -59,8 +59,9 @@ class CardController:
         )
         self.card, self.readout = card, readout
         self.settings = CardSettings(ctx, autosave, buffer_bytes=0)
+        wanted = self.settings.wanted
         self.runs = RunControl(
-            ctx, triggers, buffer_bytes=lambda: self.settings.wanted.buffer_bytes
+            ctx, triggers, buffer_bytes=lambda: wanted.buffer_bytes, sites=lambda: wanted.sites
         )
         self.shots = ShotControl(ctx, self.settings, self.runs, catalog, Path(archive.data_dir))
         self.link = CardLink(ctx, self.settings, self.shots.wants_stream)

@@ -69,6 +69,7 @@ class _Frame:
     seq: int
     snap: Snapshot
     timestamp: float
+    derived: dict[str, DerivedPV]  # the derived PVs of the sites in it, by suffix
 
 
 class Publisher:
@@ -94,13 +95,21 @@ class Publisher:
         self._run_reported: str | None = None
         self._frame: _Frame | None = None
         self._published_axes: Axes | None = None  # what the TB and FREQ PVs show
-        self._derived = derived_pvs(ctx.sites)
+        # Per site set streamed (SITES): the derived PVs and the stream column each reads.
+        self._derived: dict[tuple[int, ...], dict[str, DerivedPV]] = {}
         self._holds: dict[str, int] = {}  # derived PV suffix -> seq of the frame it shows
         self._refreshing = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._run_buffer: np.ndarray | None = None  # the newest run buffer not yet published
-        for item in self._derived:
-            pvs.pv(item.suffix).refresher = partial(self._refresh, item)
+        for item in derived_pvs(ctx.sites):
+            pvs.pv(item.suffix).refresher = partial(self._refresh, item.suffix)
+
+    def _derived_of(self, layouts: list[SiteLayout]) -> dict[str, DerivedPV]:
+        key = tuple(s.site for s in layouts)
+        got = self._derived.get(key)
+        if got is None:
+            got = self._derived[key] = {d.suffix: d for d in derived_pvs(layouts)}
+        return got
 
     async def publish_triggers(self) -> None:
         names = await asyncio.to_thread(self.triggers.names)
@@ -161,14 +170,14 @@ class Publisher:
             values.update(ctx.readbacks)
         self._stream_values(upd, connected)
         self._run_values(upd)
-        snap = None
+        frame = None
         if connected and ctx.readout.display is not None:
-            snap = await self._frame_values(upd)
+            frame = await self._frame_values(upd)
         upd.timestamp = time.time()  # when the values are published, after the arithmetic
-        if snap is not None:
-            self._new_frame(snap, upd)
+        if frame is not None:
+            self._new_frame(*frame, upd)
         await self.pvs.publish(upd)
-        if snap is not None and timing.isEnabledFor(logging.DEBUG):
+        if frame is not None and timing.isEnabledFor(logging.DEBUG):
             # The frame's messages are built; the fan-out sends them when the loop next turns.
             timing.debug("frame %s stamped %.6f built %.6f", self.ctx.config.name,
                          upd.timestamp, time.time())  # fmt: skip
@@ -204,12 +213,15 @@ class Publisher:
         upd.alarms["RUN:OVERRUNS_RBV"] = _MAJOR if st["overruns"] else _OK
         upd.alarms["RUN:STATE_RBV"] = _MAJOR if st["state"] == "FAULT" else _OK
 
-    async def _frame_values(self, upd: Update) -> Snapshot | None:
+    async def _frame_values(self, upd: Update) -> tuple[Snapshot, dict[str, DerivedPV]] | None:
         """A new frame's values into `upd`: raw waveforms and statistics always, volts and
         spectra of watched PVs only (the others are made when read), axes when changed."""
         display = self.ctx.readout.display
         assert display is not None
-        wanted = [d for d in self._derived if self.pvs.pv(d.suffix).watched]
+        # The stage's own map: its frames hold the columns of the sites it was made for.
+        layouts = self.ctx.stream_layouts(display.channel_map)
+        of_frame = self._derived_of(layouts)
+        wanted = [d for d in of_frame.values() if self.pvs.pv(d.suffix).watched]
         snap, derived = await asyncio.to_thread(_take_frame, display, wanted, self._last_frame)
         if (display, snap.updates) == self._last_frame or snap.samples == 0:
             return None
@@ -218,30 +230,33 @@ class Publisher:
         values["AI:COUNTER"] = float(snap.counter)
         if snap.axes is not self._published_axes:  # snapshots share them until n or rate change
             self._published_axes = snap.axes
-            for layout in self.ctx.sites:
+            for layout in layouts:
                 values[f"{layout.site}:AI:WF:TB"] = snap.timebase_s
                 if len(snap.freq_hz):
                     values[f"{layout.site}:AI:SPEC:FREQ"] = snap.freq_hz
-        for layout in self.ctx.sites:
+        for layout in layouts:
             _site_values(layout, snap, values)
         values.update(zip((d.suffix for d in wanted), derived, strict=True))
-        return snap
+        return snap, of_frame
 
-    def _new_frame(self, snap: Snapshot, upd: Update) -> None:
+    def _new_frame(self, snap: Snapshot, derived: dict[str, DerivedPV], upd: Update) -> None:
         """Remember the frame being published and which derived PVs it brings up to date."""
         assert upd.timestamp is not None
         seq = self._frame.seq + 1 if self._frame is not None else 1
-        self._frame = _Frame(seq, snap, upd.timestamp)
-        for item in self._derived:
-            if item.suffix in upd.values:
-                self._holds[item.suffix] = seq
+        self._frame = _Frame(seq, snap, upd.timestamp, derived)
+        for suffix in derived:
+            if suffix in upd.values:
+                self._holds[suffix] = seq
 
-    async def _refresh(self, item: DerivedPV) -> None:
+    async def _refresh(self, suffix: str) -> None:
         """Bring a derived PV up to the latest frame; awaited before a client reads it."""
         async with self._refreshing:  # one at a time: a second reader finds the work done
             frame = self._frame
-            if frame is None or self._holds.get(item.suffix, 0) >= frame.seq:
+            if frame is None or self._holds.get(suffix, 0) >= frame.seq:
                 return
+            item = frame.derived.get(suffix)
+            if item is None:
+                return  # a site the stream does not read (SITES): nothing newer to show
             value = await asyncio.to_thread(item.value, frame.snap)
             if self._holds.get(item.suffix, 0) >= frame.seq:
                 return  # a newer frame published it meanwhile (it became watched)

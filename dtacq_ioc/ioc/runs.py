@@ -86,13 +86,17 @@ class RunControl:
     """Handlers of the RUN:* PVs; starts and stops the readout's runs."""
 
     def __init__(
-        self, ctx: CardContext, triggers: TriggerRegistry, buffer_bytes: Callable[[], int]
+        self,
+        ctx: CardContext,
+        triggers: TriggerRegistry,
+        buffer_bytes: Callable[[], int],
+        sites: Callable[[], tuple[int, ...]],
     ):
         self.ctx = ctx
         self.triggers = triggers
         self.buffer_bytes = buffer_bytes
+        self.sites = sites  # SITES: what a run reads, and what RUN:CHANNELS counts
         self.request = RunRequest()
-        self.nchan = sum(s.spec.nchan for s in ctx.sites)
         self._parsers: dict[str, Callable[[Any], dict[str, Any]]] = {
             "RUN:NAME": lambda v: {"name": text_value(v)},
             "RUN:LOG": lambda v: {"log": text_value(v)},
@@ -104,13 +108,17 @@ class RunControl:
                 "trigger_args": parse_json_object("RUN:TRIGGER_ARGS", text_value(v))
             },
             "RUN:CHANNELS": lambda v: {
-                "channels": parse_channels(text_value(v), self.nchan),
+                "channels": parse_channels(text_value(v), self.nchan()),
                 "channels_text": text_value(v),
             },
             "RUN:LOGITEMS": lambda v: {
                 "logitems": parse_json_object("RUN:LOGITEMS", text_value(v))
             },
         }
+
+    def nchan(self) -> int:
+        """AI channels of the sites read out: RUN:CHANNELS numbers them from 0."""
+        return sum(s.spec.nchan for s in self.ctx.layouts(self.sites()))
 
     def handler(self, suffix: str) -> Handler:
         """The put handler of one RUN:* setting PV."""
@@ -151,6 +159,7 @@ class RunControl:
     def settings(self, request: RunRequest | None = None) -> RunSettings:
         r = request or self.request
         return RunSettings(
+            sites=self.sites(),
             buffer_bytes=self.buffer_bytes(),
             channel_list=r.channels,
             downsample=r.downsample,

@@ -13,9 +13,9 @@ from typing import Any
 
 from dtacq_ioc.contract import CLOCKS
 from dtacq_ioc.ioc.autosave import Autosave
-from dtacq_ioc.ioc.cardgroup import SiteLayout, Update, sample_bytes
+from dtacq_ioc.ioc.cardgroup import SiteLayout, Update, sample_bytes, sites_text
 from dtacq_ioc.ioc.context import CardContext
-from dtacq_ioc.ioc.pvs import STRING_MAX
+from dtacq_ioc.ioc.pvs import STRING_MAX, PutRefused, text_value
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,35 @@ class Wanted:
     ext_freq_hz: float = 10e6
     buffer_bytes: int = 0
     gains: dict[tuple[int, int], str] = field(default_factory=dict)  # (site, channel) -> label
+    sites: tuple[int, ...] = ()  # the sites the stream aggregates (SITES), in site order
+
+
+def parse_sites(text: str, available: tuple[int, ...]) -> tuple[int, ...]:
+    """SITES: "1,2" or "2" (spaces allowed) -> the sites in order; PutRefused in words."""
+    known = sites_text(available)
+    parts = [part.strip() for part in text.split(",")]
+    if parts == [""]:
+        raise PutRefused(f"SITES: no site given; list one or more of {known}")
+    sites: list[int] = []
+    for part in parts:
+        if not part.isdigit():
+            raise PutRefused(f"SITES: {part[:20]!r} is not a site number (this card has {known})")
+        site = int(part)
+        if site not in available:
+            raise PutRefused(f"SITES: site {site} is not one of this card's sites {known}")
+        if site in sites:
+            raise PutRefused(f"SITES: site {site} is listed twice")
+        sites.append(site)
+    return tuple(sorted(sites))
 
 
 class CardSettings:
-    """Setpoint handlers for clock, buffer and gains (bound to their PVs in cardgroup)."""
+    """Setpoint handlers for clock, buffer, sites and gains (bound to their PVs in cardgroup)."""
 
     def __init__(self, ctx: CardContext, autosave: Autosave, buffer_bytes: int):
         self.ctx = ctx
         self.autosave = autosave
-        self.wanted = Wanted(buffer_bytes=buffer_bytes)
+        self.wanted = Wanted(buffer_bytes=buffer_bytes, sites=ctx.config.sites)
 
     # -- puts ---------------------------------------------------------------------------
 
@@ -45,7 +65,7 @@ class CardSettings:
         if not self.ctx.connected:
             raise self.ctx.refuse(f"{what}: card not connected")
         if self.ctx.run_active():
-            raise self.ctx.refuse(f"{what}: stop the run before changing settings")
+            raise self.ctx.refuse(f"{what}: a run is active; stop it before changing settings")
 
     async def put_clkdiv(self, value: Any) -> int:
         clkdiv = int(value)
@@ -79,6 +99,17 @@ class CardSettings:
         await self._apply("BUFFER_SIZE", lambda: None)
         return size
 
+    async def put_sites(self, value: Any) -> str:
+        """The modules the stream aggregates: the display and later runs follow."""
+        try:
+            sites = parse_sites(text_value(value), self.ctx.config.sites)
+        except PutRefused as exc:
+            raise self.ctx.refuse(str(exc)) from None
+        self._check_can_change("SITES")
+        await self._apply("SITES", lambda: None, sites)
+        self.wanted.sites = sites
+        return sites_text(sites)
+
     async def put_gain(self, site: int, channel: int | None, value: Any) -> str:
         layout = self.ctx.site(site)
         suffix = f"{site}:GAIN:{'ALL' if channel is None else f'{channel:02d}'}"
@@ -111,12 +142,13 @@ class CardSettings:
             out.pop(pre + "ALL", None)
         return out
 
-    async def _apply(self, what: str, change: Any) -> None:
-        """Change the card, restart the stream and read back; publish the readbacks."""
+    async def _apply(self, what: str, change: Any, sites: tuple[int, ...] | None = None) -> None:
+        """Change the card, restart the stream (on `sites`, else the wanted ones) and read
+        back; publish the readbacks."""
 
         def apply() -> None:
             change()
-            self.restart_stream()
+            self.restart_stream(sites)
 
         await self.ctx.run_on_card(what, apply)
         await self.ctx.publish(Update(values=dict(self.ctx.readbacks)))
@@ -133,6 +165,8 @@ class CardSettings:
             self.wanted.ext_freq_hz = float(value)
         elif suffix == "BUFFER_SIZE":
             self.wanted.buffer_bytes = int(value)
+        elif suffix == "SITES":  # a site no longer configured: PutRefused, the entry skipped
+            self.wanted.sites = parse_sites(str(value), self.ctx.config.sites)
         elif ":GAIN:" in suffix:
             site, _, channel = suffix.split(":")
             self.wanted.gains[(int(site), int(channel))] = str(value)
@@ -153,14 +187,15 @@ class CardSettings:
             if label in layout.labels:
                 card.set_gain(site, channel, layout.spec.gain_codes[layout.labels.index(label)])
 
-    def start_stream(self) -> None:
-        """Stream with the buffer size rounded down to whole samples."""
-        samples = max(1, self.wanted.buffer_bytes // sample_bytes(self.ctx.sites))
-        self.ctx.readout.start(self.ctx.config.sites, samples)
+    def start_stream(self, sites: tuple[int, ...] | None = None) -> None:
+        """Stream `sites` (else the wanted ones), the buffer rounded down to whole samples."""
+        sites = sites or self.wanted.sites
+        samples = max(1, self.wanted.buffer_bytes // sample_bytes(self.ctx.layouts(sites)))
+        self.ctx.readout.start(sites, samples)
 
-    def restart_stream(self) -> None:
+    def restart_stream(self, sites: tuple[int, ...] | None = None) -> None:
         self.ctx.readout.stop()
-        self.start_stream()
+        self.start_stream(sites)
         self.read_back()
 
     def read_back(self) -> None:

@@ -383,7 +383,7 @@ def shot_waveforms(ctx: CardContext, data: ShotData) -> dict[str, Any]:
     codes = cmap.shift(picked.T).T if cmap is not None else picked
     out: dict[str, Any] = {}
     tb = (np.arange(codes.shape[1]) * step - data.pre) / rate
-    for layout in ctx.sites:
+    for layout in ctx.stream_layouts(cmap):  # the sites the card took the shot of
         pre = f"{layout.site}:AI:TW:"
         out[pre + "TB"] = tb
         for i, col in enumerate(layout.channels):
