@@ -207,6 +207,32 @@ def test_units_and_fft_scale(page: Any) -> None:
     page.wait_for_function("state.specPlot && state.specPlot.scales.y.distr === 3", timeout=T)
 
 
+def test_modules_to_read_set_from_the_page_and_the_plot_follows(page: Any) -> None:
+    from playwright.sync_api import expect
+
+    legend = page.locator("#wf-plot .u-legend")
+    expect(page.locator("#read-sites")).to_be_visible(timeout=T)
+    expect(legend).to_contain_text("1:01", timeout=T)
+    try:
+        page.locator('.read-site[data-site="1"]').uncheck()
+        page.click("#set-sites")
+        expect(page.locator("#sites")).to_have_text("2", timeout=T)
+        assert ca("SITES") == "2"
+        # Site 1's channels are gone; the plot shows site 2's first channel instead.
+        expect(page.locator('#channels input[data-key="1:01"]')).to_have_count(0, timeout=T)
+        expect(page.locator('#channels input[data-key="2:01"]')).to_be_checked(timeout=T)
+        expect(legend).to_contain_text("2:01", timeout=T)
+        expect(legend).not_to_contain_text("1:01")
+        # The box of site 1 stays, so it can be read again.
+        page.locator('.read-site[data-site="1"]').check()
+        page.click("#set-sites")
+        expect(page.locator("#sites")).to_have_text("1,2", timeout=T)
+        expect(page.locator('#channels input[data-key="1:01"]')).to_be_visible(timeout=T)
+    finally:
+        if ca("SITES") != "1,2":  # leave both sites streaming for the other tests
+            ca_put("SITES", "1,2")
+
+
 # --- 3. the old page's controls ---
 
 

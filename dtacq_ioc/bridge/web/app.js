@@ -211,12 +211,17 @@ function setSites(textValue) {
   if (sites.join() === state.sites.join()) return;
   state.sites = sites;
   state.knownSites = [...new Set([...state.knownSites, ...sites])].sort((a, b) => a - b);
+  // Only channels of the sites read out are plotted; the first of them if none is left.
+  for (const key of [...state.plotChans]) if (!sites.includes(+key.split(":")[0])) state.plotChans.delete(key);
+  if (!state.plotChans.size && sites.length) state.plotChans.add(`${sites[0]}:01`);
   subscribe(sites.flatMap((s) => SITE_PVS.map((p) => `${s}:${p}`)));
-  buildChannels(); buildSaveChannels(); buildGains(); showSitesControl();
+  buildChannels(); buildSaveChannels(); buildGains(); showSitesControl(); resubscribePlots();
 }
 
-// The modules read out are the card's SITES. Today the IOC serves SITES read-only (set
-// in the config): the choice appears, and is written, only where the PV takes writes.
+// The modules read out are the card's SITES, a setpoint: the IOC restarts the card's stream
+// on the sites ticked here, and the channels, gains and plots follow. The choice appears,
+// and is written, only where the PV takes writes (a read-only bridge, another IOC). The
+// boxes are the sites SITES has shown since the page opened.
 function showSitesControl() {
   const box = $("read-sites");
   const cur = state.values.SITES || {};
