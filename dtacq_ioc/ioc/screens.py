@@ -262,6 +262,7 @@ def _overview(card: CardConfig, n: CardNames, sites: list[SiteLayout], files: Ca
         ("External clock", [(ent, n("EXT_CLOCK_FREQ"), 160, {})]),
         ("Sample rate", [(upd, n("SAMPLE_RATE_RBV"), 160, {}), (upd, n("SYSCLK_RBV"), 160, {})]),
         ("Buffer size", [(ent, n("BUFFER_SIZE"), 160, {})]),
+        ("Sites read out", [(ent, n("SITES"), 160, {})]),
     ])  # fmt: skip
 
     y = s.heading("Stream", y + 6)
