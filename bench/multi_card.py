@@ -81,7 +81,8 @@ READY_TIMEOUT_S = 60.0
 TARGET_HZ = 9.5
 TARGET_COST = 1.2
 TARGET_STARTUP_S = 3.0
-CONNECTED = {CARD_STATES.index("IDLE"), CARD_STATES.index("RUNNING")}
+# caproto reads an enum as its state name
+CONNECTED = {name.encode() for name in CARD_STATES if name in ("IDLE", "RUNNING")}
 
 
 # --- child roles ------------------------------------------------------------------------
