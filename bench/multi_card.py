@@ -194,8 +194,8 @@ def dtacq(*args: str) -> list[str]:
 def simulators(config: Path, cards: list[SimCard], log: Path) -> Iterator[list[int]]:
     """`dtacq-ioc sim CONFIG` playing every card, ready when each card's knob port answers.
 
-    One process for all (about 4 % of a core per card at 40 MB/s): `sim --card NAME`
-    per card cannot run side by side, as each checks every card's ports before it starts.
+    One process for all: it takes about 4 % of a core per card at 40 MB/s, so at N = 8
+    it is not what limits the stream (its CPU is printed beside the IOC's).
     """
     with log.open("a") as out, process(dtacq("sim", str(config)), stderr=out) as proc:
         for card in cards:
