@@ -89,7 +89,7 @@ def _scope(args: argparse.Namespace) -> Scope:
     if args.command == "run":
         return Scope(sim=not args.no_sim)
     if args.command == "sim":
-        return Scope(ca=False, bridge=False)
+        return Scope(ca=False, bridge=False, sim_cards=frozenset(args.card) if args.card else None)
     if args.command == "bridge":
         return Scope(ca=False, sim=False, bridge_alone=True)
     return FULL if args.command == "check" else FILE_ONLY

@@ -33,6 +33,7 @@ class Scope:
     ca: bool = True  # the IOC's Channel Access server and its directories
     bridge: bool = True  # the browser bridge's ports (when the config enables it)
     sim: bool = True  # the simulator's ports on each simulated card's host
+    sim_cards: frozenset[str] | None = None  # the cards `sim --card` plays (None: all)
     bridge_alone: bool = False  # `dtacq-ioc bridge` serves whether or not [bridge] enables it
 
 
@@ -59,7 +60,7 @@ def check_config(
     if scope.bridge and (config.bridge.enabled or scope.bridge_alone):
         problems += bridge_problems(config, env)
     if scope.sim:
-        problems += sim_problems(config)
+        problems += sim_problems(config, scope.sim_cards)
     if problems:
         raise ConfigError([f"{os.fspath(path)}: {key}: {reason}" for key, reason in problems])
     return config
@@ -168,13 +169,15 @@ def _ca_port(env: Mapping[str, str]) -> int:
     return CA_SERVER_PORT
 
 
-def sim_problems(config: Config) -> Iterator[Problem]:
-    """Every port the simulator will listen on, on each simulated card's host."""
+def sim_problems(config: Config, only: frozenset[str] | None = None) -> Iterator[Problem]:
+    """Every port the simulator will listen on, on the host of each card it plays."""
     from dtacq_ioc.sim.card import STATUS_PORT  # the simulator's imports are heavy: only here
 
     for i, card in enumerate(config.cards):
         if card.sim is None or host_problem(card.host):
             continue
+        if only is not None and card.name not in only:
+            continue  # another `sim --card` process may be playing it
         ports: list[tuple[str, int]] = [
             ("knob_port_base", card.knob_port_base + site)
             for site in (0, *(s.site for s in card.sim.sites))

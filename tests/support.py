@@ -15,8 +15,11 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from dtacq_ioc.notify import socket_address
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,3 +190,34 @@ def sim_process(config: Path, host: str, *extra: str) -> Iterator[subprocess.Pop
     """`dtacq-ioc sim CONFIG` as a real process, ready when site 1's knob port answers."""
     with running(["sim", str(config), *extra], ready=(host, 4221)) as proc:
         yield proc
+
+
+class NotifyListener:
+    """The systemd side: a datagram socket the IOC sends to, recording what arrives."""
+
+    def __init__(self) -> None:
+        self.address = f"@dtacq-test-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(socket_address(self.address))
+        self.messages: list[str] = []
+
+    def wait_for(self, predicate, timeout: float, proc=None) -> str:
+        """Return the first new message matching predicate (older ones stay recorded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no matching notify message; got {self.messages[-10:]}")
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"IOC exited with {proc.returncode}: {self.messages[-10:]}")
+            self.sock.settimeout(min(left, 0.5))
+            try:
+                message = self.sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            self.messages.append(message)
+            if predicate(message):
+                return message
+
+    def close(self) -> None:
+        self.sock.close()

@@ -19,6 +19,7 @@ import epics
 import pytest
 from support import (
     ROOT,
+    NotifyListener,
     child_env,
     free_port,
     output,
@@ -106,37 +107,6 @@ def test_notifier_outside_systemd_and_watchdog_settings(tmp_path):
     # Nobody listening: the send fails quietly (an IOC must not die for a lost message).
     gone = Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody")})
     assert not gone.send("WATCHDOG=1")
-
-
-class NotifyListener:
-    """The systemd side: a datagram socket the IOC sends to, recording what arrives."""
-
-    def __init__(self) -> None:
-        self.address = f"@dtacq-test-{uuid.uuid4().hex}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(socket_address(self.address))
-        self.messages: list[str] = []
-
-    def wait_for(self, predicate, timeout: float, proc=None) -> str:
-        """Return the first new message matching predicate (older ones stay recorded)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no matching notify message; got {self.messages[-10:]}")
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"IOC exited with {proc.returncode}: {self.messages[-10:]}")
-            self.sock.settimeout(min(left, 0.5))
-            try:
-                message = self.sock.recv(4096).decode()
-            except TimeoutError:
-                continue
-            self.messages.append(message)
-            if predicate(message):
-                return message
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def caget(name: str, **kw):

@@ -18,7 +18,17 @@ from sim_helpers import (
     sim_card,
     wait_refused,
 )
-from support import ROOT, child_env, free_port, output, sim_card_toml, sim_process, wait_for_port
+from support import (
+    ROOT,
+    child_env,
+    free_port,
+    output,
+    random_loopback,
+    running,
+    sim_card_toml,
+    sim_process,
+    wait_for_port,
+)
 from support import write_config as write_test_config
 
 
@@ -127,6 +137,17 @@ def test_sim_as_a_real_process(tmp_path, loopback):
     assert f"simulator ready: P at {loopback}" in out
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((loopback, 4220), timeout=TIMEOUT)
+
+
+def test_one_sim_process_per_card_side_by_side(tmp_path, loopback):
+    """`sim --card B` checks B's ports only: A's, taken by `sim --card A`, are no problem."""
+    other = random_loopback()
+    config = write_test_config(tmp_path, sim_card_toml("A", loopback) + sim_card_toml("B", other))
+    with (
+        running(["sim", str(config), "--card", "A"], ready=(loopback, 4221)),
+        running(["sim", str(config), "--card", "B"], ready=(other, 4221)) as b,
+    ):
+        assert b.poll() is None, output(b)
 
 
 def test_sim_process_errors_are_one_clear_line(tmp_path, loopback):
