@@ -186,3 +186,51 @@ def test_sites_are_autosaved_and_a_stale_entry_is_skipped(tmp_path, loopback):
             line for line in output(ioc.proc).splitlines() if re.search(r"autosave.*SITES", line)
         ]
         assert len(lines) == 1 and "site 7" in lines[0] and "skipped" in lines[0], lines
+
+
+def test_the_old_pages_mod_list_chooses_the_sites_and_lists_every_site(tmp_path, loopback):
+    """startReadout's mod_list sets SITES before the run; getChannels still offers every
+    site the IOC can read (SITELIST), as the old server listed every module."""
+    import asyncio
+
+    import websockets
+    from old_page_client import OldPage
+    from support import free_port, wait_for_port
+
+    legacy_port = free_port()
+    bridge = f"""
+[bridge]
+enabled = true
+port = {free_port()}
+legacy_port = {legacy_port}
+legacy_write_hosts = ["127.0.0.1"]
+"""
+    prefix = new_prefix()
+    config = ioc_toml(tmp_path, loopback, prefix, site_extra=TWO_SITES, archive_extra=bridge)
+    with ioc_process(config, prefix, loopback) as ioc:
+        assert castr(ioc.pv("SITELIST")) == "1,2"
+        wait_for_port("127.0.0.1", legacy_port)
+
+        async def go() -> dict:
+            async with websockets.connect(f"ws://127.0.0.1:{legacy_port}") as ws:
+                page = OldPage(ws)
+                await page.initialize()
+                assert not (await page.request_control(loopback)).refused
+                assert (await page.get_channels()).result["mods"] == {"1": 16, "2": 16}
+                reply = await page.start(should_save=True, should_upload=False, mod_list=[2],
+                                         channel_list=[0, 1])  # fmt: skip
+                assert not reply.refused, reply.header
+                assert sites(ioc) == "2"
+                await page.read_buffer([0])
+                assert not (await page.stop()).refused
+                done = await page.wait_event("JobFinished")
+                assert "error" not in done, done
+                mods = (await page.get_channels()).result["mods"]
+                await page.close()
+                return mods
+
+        assert asyncio.run(go()) == {"1": 16, "2": 16}
+        result = json.loads(castr(ioc.pv("RUN:LAST_RESULT")))
+        header, chans = read_run([ioc.data_dir / f for f in result["files"]])
+        assert list(header["current_gains"]) == ["2"] and header["channels"] == 16 + SPAD
+        assert sorted(chans) == [0, 1] and np.all(chans[0] > 0), "site 2's level"

@@ -255,7 +255,8 @@ class LegacySession(Session):
         return value
 
     async def sites(self) -> list[SiteView]:
-        text = text_of(await self.read("SITES"))
+        """The sites the IOC can read (SITELIST); startReadout's mod_list picks SITES."""
+        text = text_of(await self.read("SITELIST"))
         sites = [int(s) for s in text.replace(" ", "").split(",") if s.isdigit()]
         counts = await asyncio.gather(*(self.read(f"{s}:NCHAN") for s in sites))
         sizes = await asyncio.gather(*(self.read(f"{s}:WORD_SIZE") for s in sites))
@@ -557,6 +558,9 @@ async def start_readout(s: LegacySession, args: dict[str, Any]) -> Any:
         limits = (await s.entry("BUFFER_SIZE")).limits
         most = int(limits[1]) if limits else 0
         writes.insert(0, ("BUFFER_SIZE", buffer_bytes(math.ceil(words), run_sites, most)))
+    chosen = ",".join(str(x.site) for x in run_sites)
+    if text_of(await s.read("SITES")).replace(" ", "") != chosen:
+        writes.insert(0, ("SITES", chosen))  # restarts the stream: before the run's settings
     for suffix, value in writes:
         await s.write(suffix, value)
     before = text_of(await s.read("RUN:ID_RBV"))

@@ -172,6 +172,7 @@ def _card_pvs(card: CardConfig, sites: list[SiteLayout], h: Handlers) -> dict[st
         "SERIAL": p.string("SERIAL", "Carrier serial number", alarm_group=LINK),
         "FW:SW": p.string("FW:SW", "Card software version", alarm_group=LINK),
         "FW:FPGA": p.long_string("FW:FPGA", "Card FPGA image", alarm_group=LINK),
+        "SITELIST": p.string("SITELIST", "Sites the IOC can read", value=sites_text(card.sites)),
         "SITES": p.string("SITES", "Sites read out", value=sites_text(card.sites),
                           put=st.put_sites, saved=True),
         "CLKDIV": p.integer("CLKDIV", "Clock divider", value=specs[0].default_clkdiv,

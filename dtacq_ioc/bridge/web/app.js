@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];
-const STATUS = ["STATE", "CONNECTED", "MODEL", "HOST", "SITES", "CLKDIV", "CLKDIV_RBV", "SAMPLE_RATE_RBV",
+const STATUS = ["STATE", "CONNECTED", "MODEL", "HOST", "SITES", "SITELIST", "CLKDIV", "CLKDIV_RBV", "SAMPLE_RATE_RBV",
   "SYSCLK_RBV", "EXT_CLOCK", "EXT_CLOCK_RBV", "EXT_CLOCK_FREQ", "STREAM:MBPS", "STREAM:COUNTER_ERRORS",
   "LAST_ERROR", "RESET", "REBOOT", "RUN:START", "RUN:STOP", "RUN:NAME", "RUN:LOG", "RUN:SAVE",
   "RUN:UPLOAD", "RUN:DOWNSAMPLE", "RUN:TRIGGER", "RUN:TRIGGER_ARGS", "RUN:CHANNELS", "RUN:STATE_RBV",
@@ -158,6 +158,7 @@ function update(msg) {
   });
   const site = suffix.match(/^(\d+):(NCHAN|MODEL|GAIN:ALL|GAIN:(\d\d))$/);
   if (suffix === "SITES" && cur.text !== undefined) setSites(cur.text);
+  else if (suffix === "SITELIST" && cur.text !== undefined) setKnownSites(cur.text);
   else if (site && site[2] === "NCHAN" && cur.value !== undefined) setNchan(+site[1], +cur.value);
   else if (site && site[2].startsWith("GAIN")) showSelect(suffix, cur);
   else if (suffix === "TRIGGERS") fillTriggers(cur.text);
@@ -206,8 +207,16 @@ function formatNumber(v, precision) {
 
 // --- sites, channels, gains ---
 
+const siteNumbers = (text) => String(text).split(",").map((s) => +s.trim()).filter((s) => s > 0);
+
+// SITELIST: every site the IOC can read, the boxes of the "modules to read" choice.
+function setKnownSites(textValue) {
+  state.knownSites = [...new Set([...siteNumbers(textValue), ...state.sites])].sort((a, b) => a - b);
+  showSitesControl();
+}
+
 function setSites(textValue) {
-  const sites = String(textValue).split(",").map((s) => +s.trim()).filter((s) => s > 0);
+  const sites = siteNumbers(textValue);
   if (sites.join() === state.sites.join()) return;
   state.sites = sites;
   state.knownSites = [...new Set([...state.knownSites, ...sites])].sort((a, b) => a - b);
@@ -221,7 +230,7 @@ function setSites(textValue) {
 // The modules read out are the card's SITES, a setpoint: the IOC restarts the card's stream
 // on the sites ticked here, and the channels, gains and plots follow. The choice appears,
 // and is written, only where the PV takes writes (a read-only bridge, another IOC). The
-// boxes are the sites SITES has shown since the page opened.
+// boxes are the sites of SITELIST.
 function showSitesControl() {
   const box = $("read-sites");
   const cur = state.values.SITES || {};
