@@ -96,9 +96,13 @@ _COMMON: dict[str, tuple[type, Source]] = {
 }
 
 
+# Text arrays (CHAR waveforms) have no units of their own: EGU reads empty, as in EPICS.
+_EGU = _text(lambda pv: getattr(pv, "units", "") or "")
+
+
 def _analog(kind: type) -> dict[str, tuple[type, Source]]:
     return {
-        "EGU": _text(lambda pv: pv.units),
+        "EGU": _EGU,
         "HOPR": _limit("upper_disp_limit", kind),
         "LOPR": _limit("lower_disp_limit", kind),
         "HIHI": _limit("upper_alarm_limit", kind),
@@ -122,7 +126,7 @@ _WAVEFORM = {
     "NELM": (_LongField, lambda pv: int(pv.max_length)),
     "NORD": (_LongField, lambda pv: int(pv.length)),
     "FTVL": (_MenuField, lambda pv: _FTVL_OF[pv.data_type]),
-    "EGU": _text(lambda pv: pv.units),
+    "EGU": _EGU,
     "PREC": _PREC["PREC"],
     "HOPR": _limit("upper_disp_limit"),
     "LOPR": _limit("lower_disp_limit"),
