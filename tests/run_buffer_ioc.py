@@ -32,6 +32,7 @@ def main(prefix: str) -> None:
 
     body = {
         "SITES": text("1"),
+        "SITELIST": text("1"),
         "1:NCHAN": pvproperty(value=NCHAN, dtype=int),
         "1:WORD_SIZE": pvproperty(value=4, dtype=int),
         "1:BIT_SHIFT": pvproperty(value=SHIFT, dtype=int),

@@ -46,7 +46,7 @@ def test_a_put_completes_with_the_readback_published(ioc):
         ("EXT_CLOCK_FREQ", float("nan"), "nan is not a finite number"),
         ("RUN:CHANNELS", "0-100000", "'0-100000' is not within the channels 0..15"),
         ("RUN:CHANNELS", "1,1", "channel 1 is listed twice"),
-        ("RUN:TRIGGER_ARGS", "[1]", "must be a JSON object"),
+        ("RUN:TRIGGER_ARGS", "[1]", "'[1]' is not a JSON object"),
         ("RUN:TRIGGER", "nope", "unknown trigger 'nope'"),
     ],
 )

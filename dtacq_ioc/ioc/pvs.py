@@ -94,7 +94,9 @@ class _Checked(WriteTracker):
                 )
             if self.data_type == ChannelType.ENUM and len(data):
                 # caproto fails converting an index past the states: say so in words first.
-                _check_value(self, int(data[0]))
+                first = data[0]
+                whole = isinstance(first, int | np.integer) or float(first).is_integer()
+                _check_value(self, int(first) if whole else float(first))
             if data_type == ChannelType.CHAR and not bytes(data).strip(b"\x00"):
                 # caproto 1.3 cannot put empty text to a CHAR array; clearing a text is fine.
                 return await self.write("", flags=kwargs.get("flags", 0))  # type: ignore[attr-defined]  # mixin: caproto's class is later in the MRO

@@ -76,9 +76,9 @@ def parse_json_object(name: str, text: str) -> dict[str, Any]:
     try:
         value = json.loads(text or "{}")
     except (ValueError, RecursionError):
-        raise PutRefused(f"{name}: not a JSON object") from None
+        raise PutRefused(f"{name}: {text[:40]!r} is not a JSON object") from None
     if not isinstance(value, dict):
-        raise PutRefused(f"{name}: must be a JSON object")
+        raise PutRefused(f"{name}: {text[:40]!r} is not a JSON object ({{...}})")
     return value
 
 

@@ -107,6 +107,7 @@ class IocStatus:
             actions["shots_arm"] = pvs.action("SHOTS:ARM", "Arm every transient card", shot_arm)
         cls = type("IocStatusGroup", (StatusGroup,), actions)
         self.group = cls(prefix=config.ioc.prefix)
+        self.group.refusal_sink = self._refused
         self.pvdb = self.group.pvdb
         self._started = time.monotonic()
         self._errors = _LatestError()
@@ -141,6 +142,11 @@ class IocStatus:
     def spooled(self) -> int:
         spool = getattr(self.catalog, "spool", None)
         return len(spool.pending()) if spool is not None else 0
+
+    async def _refused(self, message: str) -> None:
+        """A refused put to one of the IOC's own PVs: in LAST_ERROR before the client hears."""
+        self._last_error = message
+        await self.pv("LAST_ERROR").write(message[-(pvs.LONG_STRING - 1) :], verify_value=False)
 
     def _newest_error(self) -> str:
         if self._errors.text:
