@@ -442,11 +442,7 @@ def test_readme_pv_table_is_what_the_ioc_serves(rig):
 
 # --- puts ---
 
-# What caput refuses itself, sending nothing: a text not among an enum's states, more
-# elements than the PV has.
-CLIENT_REFUSAL = re.compile(r"Enum string value '.*' invalid|Invalid element count requested")
 CLASS_NAME = re.compile(r"\b[A-Z][a-z]+[A-Z]\w*\b|Traceback")
-TEN_KB = "x" * 10240
 
 
 def last_error(rig: Rig, name: str) -> str:
@@ -499,60 +495,6 @@ def ctrl_limits(rig: Rig, names: list[str]) -> dict[str, tuple[float, float]]:
     assert_sound(got)
     return {n: (float(b["Lo ctrl limit"]), float(b["Hi ctrl limit"]))
             for n, b in blocks(got.stdout).items()}  # fmt: skip
-
-
-def fuzz_values(ch: Channel, states: tuple[str, ...], limits: tuple[float, float] | None
-                ) -> list[tuple[str, bool]]:  # fmt: skip
-    """(value, must be refused) for one writable PV."""
-    junk = ["nan", "inf", "-inf", "abc", "", TEN_KB]
-    if ch.native == "DBF_ENUM":
-        beyond = [str(len(states)), "99", "65535", "-1"]
-        return [(v, True) for v in beyond + junk]
-    if ch.native in ("DBF_DOUBLE", "DBF_LONG", "DBF_FLOAT", "DBF_SHORT") and not ch.is_array:
-        lo, hi = limits or (0.0, 0.0)
-        out = [(v, lo < hi) for v in junk]
-        if lo < hi:
-            out += [(repr(hi * 10 + 1e6), True), ("-1", lo > -1), (repr(lo - 1), True)]
-        return out
-    return [(v, False) for v in ["nan", "-1", "abc", "{not json", "", TEN_KB]]
-
-
-def text_option(ch: Channel) -> list[str]:
-    """caput -S: a CHAR array is written as text."""
-    return ["-S"] if ch.native == "DBF_CHAR" else []
-
-
-def fuzz(rig: Rig, names: list[str]) -> list[str]:
-    """Every fuzz value to every PV with `caput -c` (refusals checked) and plain `caput`."""
-    numeric = [n for n in names if rig.chans[n].native not in ("DBF_ENUM", "DBF_STRING")
-               and not rig.chans[n].is_array]  # fmt: skip
-    limits = ctrl_limits(rig, numeric) if numeric else {}
-    problems: list[str] = []
-    patience = 3  # refusals whose LAST_ERROR is waited for once it has failed to come
-    for name in names:
-        ch = rig.chans[name]
-        for value, must_refuse in fuzz_values(ch, rig.states.get(name, ()), limits.get(name)):
-            result = rig.ioc.endpoint.caput(name, value, "-c", *text_option(ch))
-            if result.aborted or result.internal_failure:
-                problems.append(result.summary())
-            elif result.returncode != 0 and not CLIENT_REFUSAL.search(
-                result.stdout + result.stderr
-            ):
-                found = refusal_problems(rig, name, value, wait=2.0 if patience else 0.0)
-                patience -= any("does not name" in p for p in found) and patience > 0
-                problems += found
-            elif must_refuse:
-                problems.append(f"caput -c {name} {value[:20]!r} accepted (exit 0): "
-                                f"{result.stdout.strip().splitlines()[-1][:120]}")  # fmt: skip
-            plain = rig.ioc.endpoint.caput(name, value, *text_option(ch))
-            if plain.aborted or plain.internal_failure:
-                problems.append(plain.summary())
-    return problems
-
-
-def readable_problems(rig: Rig) -> list[str]:
-    rig.sync_texts()
-    return compare_requests(rig, rig.ioc.names)
 
 
 def test_caput_prints_the_applied_value_and_the_readback_has_followed(rig):
