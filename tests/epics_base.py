@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,11 @@ TOOL_TIMEOUT_S = 120.0  # a whole batch of PVs in one tool run, on a loaded mach
 WAIT_S = 5.0  # caget -w: how long a read may take before it counts as not answered
 ABORTED = (134, -6)  # SIGABRT through a shell, and as subprocess reports it
 NOT_FOUND = "Channel connect timed out"  # caget: some name had no server
+# caget -c polls for its replies every fifth of its -w, and a batch with a failed read
+# waits out the whole -w: a whole batch gets time to spare, a batch of reads likely to
+# fail (a few dozen names, answered at once) gets a short wait.
+BATCH_WAIT_S = 2 * WAIT_S
+FAILING_WAIT_S = 3.0
 
 # DBR type families a client can ask for, and the value types within each.
 FAMILIES = ("", "STS_", "TIME_", "GR_", "CTRL_")
@@ -132,6 +137,12 @@ class ToolResult:
         failed |= set(re.findall(r"^(\S+)\n\s+\*\*\* CA error", self.stdout, re.MULTILINE))
         return failed
 
+    def joined(self, other: ToolResult) -> ToolResult:
+        """Two runs of a tool over parts of one batch, read as one."""
+        code = other.returncode if other.aborted else self.returncode or other.returncode
+        return ToolResult(self.args + other.args, code, self.stdout + other.stdout,
+                          self.stderr + other.stderr)  # fmt: skip
+
     def summary(self) -> str:
         """One line: the command, its exit status and libca's account of a failure."""
         context = re.findall(r'Context:\s+"(.*)"', self.stdout + self.stderr)
@@ -202,21 +213,34 @@ class CaEndpoint:
         return first | second, missing + more
 
     def requests(self, names: Sequence[str], requests: Iterable[str] = REQUESTS,
-                 extra: Sequence[str] = (), callback: bool = True
-                 ) -> dict[str, ToolResult]:  # fmt: skip
+                 extra: Sequence[str] = (), callback: bool = True,
+                 texts: Collection[str] = ()) -> dict[str, ToolResult]:  # fmt: skip
         """One caget per DBR request type over all names, run side by side.
 
         `callback` (-c): a read with callback, which libca answers per channel, failures
         included ("*** CA error ..."); a plain read's failure reaches only libca's error
-        log, which drops messages past a dozen or so."""
-        reqs = list(requests)
+        log, which drops messages past a dozen or so. caget -c waits out its whole -w
+        when any read fails, so numeric reads of `texts` (names whose text may not be a
+        number) go in a caget of their own with a shorter wait (FAILING_WAIT_S)."""
         mode = ("-c",) if callback else ()
+        short = [n for n in names if n in texts]
+        rest = [n for n in names if n not in texts]
+
+        def batches(req: str) -> list[tuple[list[str], float]]:
+            if req.endswith("STRING") or not short:
+                return [(list(names), BATCH_WAIT_S)]
+            return [(b, w) for b, w in ((rest, BATCH_WAIT_S), (short, FAILING_WAIT_S)) if b]
+
+        jobs = [(r, batch, wait) for r in requests for batch, wait in batches(r)]
         # A few at a time: caget -c crashes (SIGSEGV) when a reply comes after its -w ran
         # out, and twenty of them at once on a loaded machine make replies that late.
         with ThreadPoolExecutor(max_workers=4) as pool:
-            results = pool.map(lambda r: self.caget(*extra, *mode, "-d", r, *names,
-                                                     wait=3 * WAIT_S), reqs)  # fmt: skip
-            return dict(zip(reqs, results, strict=True))
+            results = list(pool.map(lambda j: self.caget(*extra, *mode, "-d", j[0], *j[1],
+                                                          wait=j[2]), jobs))  # fmt: skip
+        merged: dict[str, ToolResult] = {}
+        for (req, _, _), result in zip(jobs, results, strict=True):
+            merged[req] = merged[req].joined(result) if req in merged else result
+        return merged
 
 
 # --- parsing the tools' output ---

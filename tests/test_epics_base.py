@@ -11,12 +11,14 @@ the IOC may too. No request may abort a client (exit 134) or get "Internal Failu
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 import secrets
 import subprocess
 import time
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +48,8 @@ DISPLAY_SAMPLES = 64
 CARDS = (("C1", "ACQ425ELF", "acq2106"), ("C2", "ACQ437ELF", "acq1001"))
 
 
-def write_config(directory: Path, autosave: str | None = None) -> tuple[Path, list[str], list[str]]:
-    """Two simulated cards, each on a loopback address of its own; prefixes and hosts.
-
-    `autosave`: text of the IOC's autosave file, written before it starts."""
+def write_config(directory: Path) -> tuple[Path, list[str], list[str]]:
+    """Two simulated cards, each on a loopback address of its own; prefixes and hosts."""
     tag = secrets.token_hex(3).upper()
     prefixes, hosts, cards = [], [], []
     for name, module, carrier in CARDS:
@@ -58,9 +58,6 @@ def write_config(directory: Path, autosave: str | None = None) -> tuple[Path, li
         cards.append(sim_card_toml(name, hosts[-1], module=module, carrier=carrier,
                                    prefix=prefixes[-1]))  # fmt: skip
     ioc_name = f"e{tag.lower()}"
-    if autosave is not None:
-        (directory / "autosave").mkdir(parents=True, exist_ok=True)
-        (directory / "autosave" / f"{ioc_name}.json").write_text(autosave)
     path = directory / "test.toml"
     path.write_text(
         f"""
@@ -123,17 +120,37 @@ def describe(ioc: ServedIoc) -> tuple[dict[str, Channel], dict, dict, dict]:
 
 
 @contextlib.contextmanager
+def restartable(directory: Path, config: tuple[Path, list[str], list[str]] | None = None
+                ) -> Iterator[Callable[[], contextlib.AbstractContextManager[Rig]]]:  # fmt: skip
+    """A function that serves `config` (a new one in `directory` if None) in a new IOC
+    process each time it is entered; softIoc's mirror, made from the first, outlives
+    them all (the PVs are the same on every restart)."""
+    base = epics_base()
+    path, prefixes, hosts = config or write_config(directory)
+    with contextlib.ExitStack() as stack:
+        refs: list[tuple[Mirror, CaEndpoint]] = []
+
+        @contextlib.contextmanager
+        def serve() -> Iterator[Rig]:
+            with dtacq_ioc(base, path, ready=f"{prefixes[-1]}STATE=IDLE") as ioc:
+                chans, states, texts, served = describe(ioc)
+                if not refs:
+                    mirror = Mirror(f"REF{secrets.token_hex(2).upper()}:")
+                    db = mirror.db(chans, states, texts, served)
+                    probe = mirror.name(ioc.names[0])
+                    refs.append((mirror, stack.enter_context(soft_ioc(base, db, directory, probe))))
+                mirror, ref = refs[0]
+                yield Rig(base, ioc, prefixes, hosts, chans, states, mirror, ref)
+
+        yield serve
+
+
+@contextlib.contextmanager
 def rig_for(directory: Path, config: tuple[Path, list[str], list[str]] | None = None
             ) -> Iterator[Rig]:  # fmt: skip
     """The IOC on `config` (a new one in `directory` if None) and softIoc's mirror."""
-    base = epics_base()
-    path, prefixes, hosts = config or write_config(directory)
-    with dtacq_ioc(base, path, ready=f"{prefixes[-1]}STATE=IDLE") as ioc:
-        chans, states, texts, served = describe(ioc)
-        mirror = Mirror(f"REF{secrets.token_hex(2).upper()}:")
-        db = mirror.db(chans, states, texts, served)
-        with soft_ioc(base, db, directory, probe=mirror.name(ioc.names[0])) as ref:
-            yield Rig(base, ioc, prefixes, hosts, chans, states, mirror, ref)
+    with restartable(directory, config) as serve, serve() as rig:
+        yield rig
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +167,10 @@ def assert_sound(result: ToolResult) -> None:
 
 def compare_requests(rig: Rig, names: list[str], requests=REQUESTS) -> list[str]:
     """Every request of every name, asked of the IOC and of softIoc; the differences."""
-    got = rig.ioc.endpoint.requests(names, requests)
-    ref = rig.ref.requests([rig.mirror.name(n) for n in names], requests)
+    texts = {n for n in names if rig.chans[n].native == "DBF_STRING"}
+    got = rig.ioc.endpoint.requests(names, requests, texts=texts)
+    ref = rig.ref.requests([rig.mirror.name(n) for n in names], requests,
+                           texts={rig.mirror.name(n) for n in texts})  # fmt: skip
     problems = []
     for req in got:
         for result in (got[req], ref[req]):
@@ -561,3 +580,126 @@ def test_a_card_that_drops_alarms_its_pvs_and_refuses_setting_puts(tmp_path):
         if not ("CLKDIV" in text and "card not connected" in text):
             wrong.append(f"LAST_ERROR after the CLKDIV put: {text[:200]!r}")
         assert not wrong, report(wrong)
+
+
+# --- puts that must not poison a PV, across restarts ---
+
+TEN_KB = "x" * 10_000
+# A read in each DBR type family, the value types taken in turn (a poisoned PV fails
+# them all; the full twenty are compared above).
+FAMILY_READS = ("DBR_STRING", "DBR_STS_DOUBLE", "DBR_TIME_ENUM", "DBR_GR_LONG",
+                "DBR_CTRL_STRING", "DBR_CTRL_DOUBLE")  # fmt: skip
+# caput refuses these itself, before anything is sent: no LAST_ERROR is due.
+CLIENT_REFUSAL = re.compile(r"Enum string value .* invalid|Invalid element count|too long",
+                            re.IGNORECASE)  # fmt: skip
+
+
+def fuzz_values(ch: Channel, states: tuple[str, ...], limits: tuple[float, float] | None
+                ) -> list[tuple[str, bool]]:  # fmt: skip
+    """(value, must be refused) for one writable PV."""
+    junk = ["nan", "inf", "-inf", "abc", "", TEN_KB]
+    if ch.native == "DBF_ENUM":
+        beyond = [str(len(states)), "99", "65535", "-1"]
+        return [(v, True) for v in beyond + junk]
+    if ch.native in ("DBF_DOUBLE", "DBF_LONG", "DBF_FLOAT", "DBF_SHORT") and not ch.is_array:
+        lo, hi = limits or (0.0, 0.0)
+        out = [(v, lo < hi) for v in junk]
+        if lo < hi:
+            out += [(repr(hi * 10 + 1e6), True), ("-1", lo > -1), (repr(lo - 1), True)]
+        return out
+    return [(v, False) for v in ["nan", "-1", "abc", "{not json", "", TEN_KB]]
+
+
+def fuzz(rig: Rig, names: list[str]) -> list[str]:
+    """Every fuzz value to every PV with `caput -c` (a refusal must be one in words, in
+    LAST_ERROR), and the first of them also as a plain `caput` (no callback)."""
+    numeric = [n for n in names if rig.chans[n].native not in ("DBF_ENUM", "DBF_STRING")
+               and not rig.chans[n].is_array]  # fmt: skip
+    limits = ctrl_limits(rig, numeric) if numeric else {}
+    problems: list[str] = []
+    patience = 3  # refusals whose LAST_ERROR is waited for once it has failed to come
+    for name in names:
+        ch = rig.chans[name]
+        text = ["-S"] if ch.native == "DBF_CHAR" else []  # a CHAR array takes text
+        values = fuzz_values(ch, rig.states.get(name, ()), limits.get(name))
+        for value, must_refuse in values:
+            result = rig.ioc.endpoint.caput(name, value, "-c", *text)
+            said = (result.stdout + result.stderr).strip()
+            if result.aborted or result.internal_failure:
+                problems.append(result.summary())
+            elif CLIENT_REFUSAL.search(said):
+                continue
+            elif result.returncode != 0:
+                found = refusal_problems(rig, name, value, wait=2.0 if patience else 0.0)
+                patience -= any("does not name" in p for p in found) and patience > 0
+                problems += found
+            elif must_refuse:
+                last = said.splitlines()[-1][:120] if said else "(nothing printed)"
+                problems.append(f"caput -c {name} {value[:20]!r} accepted (exit 0): {last}")
+        plain = rig.ioc.endpoint.caput(name, values[0][0], *text)
+        if plain.aborted or plain.internal_failure:
+            problems.append(plain.summary())
+    return problems
+
+
+def readable_problems(rig: Rig, when: str) -> list[str]:
+    """Each PV read in every DBR type family gets the kind of answer softIoc gives."""
+    rig.sync_texts()
+    return [f"{when}: {p}" for p in compare_requests(rig, rig.ioc.names, FAMILY_READS)]
+
+
+def autosave_path(config: Path) -> Path:
+    name = tomllib.loads(config.read_text())["ioc"]["name"]
+    return config.parent / "autosave" / f"{name}.json"
+
+
+# Entries no put could have stored: wrong types, indices beyond the states, values past
+# the limits, PVs this IOC no longer serves; and a file that is not JSON at all.
+BAD_ENTRIES = {
+    "C1": {"EXT_CLOCK": 5, "RUN:SAVE": 7, "RUN:UPLOAD": "maybe", "CLKDIV": "abc",
+           "BUFFER_SIZE": [1, 2], "RUN:NAME": {"x": 1}, "RUN:TRIGGER": 12,
+           "RUN:DOWNSAMPLE": -5, "EXT_CLOCK_FREQ": "NaN", "1:GAIN:01": 99, "NO_SUCH_PV": 1},
+    "C2": {"EXT_CLOCK": -1, "CLKDIV": 1e30, "RUN:CHANNELS": None, "1:GAIN:ALL": "x1000"},
+}  # fmt: skip
+GARBAGE = "\x00\xff{not json at all"
+
+
+def skip_problems(log: str) -> list[str]:
+    """Each of BAD_ENTRIES skipped in one log line naming its card and PV."""
+    problems = []
+    for card, entries in BAD_ENTRIES.items():
+        for suffix in entries:
+            named = re.compile(rf"autosave: {card}: .*\b{re.escape(suffix)}\b.*skipped")
+            lines = [line for line in log.splitlines() if named.search(line)]
+            if len(lines) != 1:
+                problems.append(f"autosave entry {card} {suffix}: logged {lines}")
+    return problems
+
+
+@pytest.mark.timeout(900)
+def test_put_fuzz_and_corrupt_autosave_leave_every_pv_readable_across_restarts(tmp_path):
+    """The fuzz over every writable PV, then every PV read in every type family; again
+    after a restart over what autosave kept; again over an autosave file of bad entries
+    (each skipped in one log line), and over one that is not JSON."""
+    config = write_config(tmp_path)
+    saved = autosave_path(config[0])
+    with restartable(tmp_path, config) as serve:
+        with serve() as rig:
+            writable = [n for n, c in rig.chans.items() if c.writable]
+            assert len(writable) > 20, writable
+            problems = fuzz(rig, writable)
+            problems += readable_problems(rig, "after the fuzz")
+        with serve() as rig:
+            problems += readable_problems(rig, "restarted over the fuzz's autosave")
+        saved.write_text(json.dumps(BAD_ENTRIES))
+        with serve() as rig:
+            problems += readable_problems(rig, "restarted over bad entries")
+            problems += skip_problems(rig.ioc.log())
+            for card in (0, 1):
+                clock = rig.card_names(card)["EXT_CLOCK"]
+                if rig.ioc.endpoint.value(clock) not in rig.states[clock]:
+                    problems.append(f"{clock} restored to a value outside its states")
+        saved.write_text(GARBAGE)
+        with serve() as rig:
+            problems += readable_problems(rig, "restarted over a file that is not JSON")
+    assert not problems, report(problems)

@@ -99,8 +99,11 @@ class CardController:
     async def restore(self) -> None:
         """Put the autosaved settings into their PVs and parts; skip what no longer fits."""
         saved = self.autosave.card(self.name)
-        for pv in self.pvs.saved():
-            suffix = self.pvs.suffix(pv)
+        settings = {self.pvs.suffix(pv): pv for pv in self.pvs.saved()}
+        for suffix in sorted(saved.keys() - settings.keys()):
+            log.warning("autosave: %s: %s is not a setting of this card; skipped", self.name,
+                        suffix)  # fmt: skip
+        for suffix, pv in settings.items():
             if suffix not in saved:
                 continue
             try:
