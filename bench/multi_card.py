@@ -15,9 +15,13 @@ and received by the IOC (STREAM:SAMPLES) when the clients stop; over the run, th
 samples the simulators sent (the files' counter span) vs the samples in the files vs
 the catalog's count; counter errors (STREAM:COUNTER_ERRORS + RUN:ERRORS_RBV);
 overruns (RUN:OVERRUNS_RBV); the IOC's CPU (% of one core) and RSS (from /proc);
-the simulator's CPU; the slowest display rate seen by any CA and any PVWS client
-(Hz, the minimum over clients of each client's slowest PV); and the cost per card
-(IOC CPU / N over IOC CPU at N = 1; 1.0 = linear). Targets (issue 14): N = 8
+the simulator's CPU, the clients' CPU and the whole machine's (busy % of all cores);
+the slowest display rate seen by any CA and any PVWS client (Hz, the minimum over
+clients of each client's slowest PV); and the cost per card (IOC CPU / N over IOC CPU
+at N = 1; 1.0 = linear). Before the IOC starts, the same streams are read by a bare
+reader (`bare`: one thread per card, recv into 4 MiB, write, sha256, nothing else) for
+as long: its CPU is the floor of moving those bytes in Python, and IOC/bare says how
+far above it the IOC is. Targets (issue 14): N = 8
 lossless, every client >= 9.5 Hz, cost per card at N = 8 <= 1.2.
 
 `--startup` instead times start-up with `--startup-cards` (8) cards, median of
@@ -30,7 +34,7 @@ the IOC starting its own simulator. Target < 3 s.
     .venv/bin/python bench/multi_card.py --startup --launches 1
 
 Run files are checked and deleted as soon as a run ends (8 cards write 320 MB/s)
-unless `--keep-files`. Roles `ca-client` and `ws-clients` are the child processes;
+unless `--keep-files`. Roles `ca-client`, `ws-clients` and `bare` are the child processes;
 run them only through the main command.
 """
 
@@ -147,6 +151,66 @@ def ws_clients_main(args: argparse.Namespace) -> int:
 
     print(json.dumps({"clients": asyncio.run(every())}), flush=True)
     return 0
+
+
+BARE_BUFFER = 4 << 20  # bytes per write, as the IOC's default buffer
+
+
+def bare_main(args: argparse.Namespace) -> int:
+    """The floor: every card's 4210 stream read into a buffer, written to a file and
+    sha256-hashed, one thread per card and nothing else, until `--end`; print the bytes
+    each card moved over [start, end) as JSON."""
+    import hashlib
+    import socket
+    import threading
+
+    hosts = args.hosts.split(",")
+    moved = dict.fromkeys(hosts, 0)
+
+    def one(host: str) -> None:
+        digest = hashlib.sha256()
+        buf = bytearray(BARE_BUFFER)
+        view = memoryview(buf)
+        with socket.create_connection((host, 4210), timeout=10) as sock, \
+                (args.dir / f"{host}.raw").open("wb", buffering=0) as out:  # fmt: skip
+            while (now := time.time()) < args.end:
+                fill = 0
+                while fill < len(buf):
+                    n = sock.recv_into(view[fill:])
+                    if n == 0:
+                        raise ConnectionError(f"{host}: stream closed")
+                    fill += n
+                out.write(view)
+                digest.update(view)
+                if now >= args.start:
+                    moved[host] += fill
+        (args.dir / f"{host}.raw").unlink()
+
+    threads = [threading.Thread(target=one, args=(h,)) for h in hosts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"bytes": moved}), flush=True)
+    return 0
+
+
+def machine_busy() -> Callable[[], float]:
+    """Start counting the whole machine's busy time; the call returns it since, in % of
+    all its cores (100 = saturated)."""
+
+    def jiffies() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields)
+
+    busy0, all0 = jiffies()
+
+    def since() -> float:
+        busy, every = jiffies()
+        return 100 * (busy - busy0) / max(1, every - all0)
+
+    return since
 
 
 # --- the IOC, its cards and their simulators ---------------------------------------------
@@ -286,6 +350,10 @@ class Row:
     sim_cpu_pct: float
     ca_hz: list[dict[str, float]]  # per client, per PV
     ws_hz: list[dict[str, float]]
+    client_cpu_pct: float  # the CA and PVWS client processes together
+    busy_pct: float  # the whole machine, % of all cores
+    bare_cpu_pct: float = 0.0  # the floor: the same streams read, written, hashed, bare
+    bare_mbps: float = 0.0
 
     @property
     def ca_min(self) -> float:
@@ -331,68 +399,94 @@ def run_files_result(data_dir: Path, card: SimCard, keep: bool) -> tuple[int, in
 
 
 def measure_n(n: int, args: argparse.Namespace, base: Path) -> Row:
-    from dtacq_ioc.card.knobs import KnobClient
-
+    """The bare floor, then the IOC, over the same simulated cards."""
     workdir = base / f"n{n}"
     workdir.mkdir(parents=True, exist_ok=True)
     bridge_port = free_port()
     config, cards = write_config(workdir, n, bridge_port)
     log = workdir / "ioc.log"
-    with (
-        simulators(config, cards, workdir / "sim.log") as sim_pids,
-        launched_ioc(config, log, "--no-sim") as (ioc, _),
-    ):
-        for card in cards:
-            card_streaming(card, ioc)
-        for card in cards:
-            start_run(card, args.rotate_s, ioc)
-        pvs = ",".join(c.prefix + "1:AI:WF:01" for c in cards)
-        start = time.time() + CONNECT_S
-        end = start + args.seconds
-        window = ["--pvs", pvs, "--start", str(start), "--end", str(end)]
-        me = [sys.executable, __file__]
-        out: dict[str, Any] = {"stdout": subprocess.PIPE, "text": True}
-        with contextlib.ExitStack() as stack:
-            cas = [stack.enter_context(process([*me, "ca-client", *window], **out))
-                   for _ in range(CA_CLIENTS)]  # fmt: skip
-            url = f"ws://127.0.0.1:{bridge_port}/pvws/pv"
-            ws = stack.enter_context(process([*me, "ws-clients", "--url", url, "--count",
-                                              str(WS_CLIENTS), *window], **out))  # fmt: skip
-            time.sleep(max(0.0, start - time.time()))
-            ioc_cpu, sim_cpu = cpu_meter([ioc.pid]), cpu_meter(sim_pids)
-            rss = []
-            while (left := end - time.time()) > 0:
-                time.sleep(min(1.0, left))
-                rss.append(rss_mb(ioc.pid))
-            ioc_pct, sim_pct = ioc_cpu(), sim_cpu()
-            ca = [last_json(c) for c in cas]
-            ws_result = last_json(ws)
-        stream = []
-        for card in cards:
-            received = int(caget(card.prefix + "STREAM:SAMPLES"))  # first: sent >= received
-            knobs = KnobClient(card.name, card.host, 0, 4220, 5.0)
-            try:
-                stream.append((int(knobs.query("SIM:SENT")), received))
-            finally:
-                knobs.close()
-        for card in cards:
-            caput(card.prefix + "RUN:STOP", 1, timeout=120)
-        results = []
-        for card, (sent, received) in zip(cards, stream, strict=True):
-            wait_until(lambda c=card: caget(c.prefix + "RUN:STATE_RBV", as_string=True)
-                       in ("IDLE", "FAULT"), f"{card.name}'s run to end", ioc)  # fmt: skip
-            errors = int(caget(card.prefix + "STREAM:COUNTER_ERRORS")) + int(
-                caget(card.prefix + "RUN:ERRORS_RBV")
-            )
-            overruns = int(caget(card.prefix + "RUN:OVERRUNS_RBV"))
-            span, in_files, catalog, problems = run_files_result(
-                workdir / "data", card, args.keep_files
-            )
-            results.append(CardResult(sent, received, span, in_files, catalog, errors,
-                                      overruns, problems))  # fmt: skip
+    with simulators(config, cards, workdir / "sim.log") as sim_pids:
+        bare_pct, bare_mbps = measure_bare(cards, args, workdir)
+        with launched_ioc(config, log, "--no-sim") as (ioc, _):
+            row = measure_ioc(n, cards, args, workdir, sim_pids, ioc, bridge_port)
+    row.bare_cpu_pct, row.bare_mbps = bare_pct, bare_mbps
+    return row
+
+
+def measure_bare(cards: list[SimCard], args: argparse.Namespace, workdir: Path
+                 ) -> tuple[float, float]:  # fmt: skip
+    """The bare reader's CPU (% of one core) and MB/s over a window as long as the IOC's."""
+    start = time.time() + 1.0  # connected and at full rate
+    end = start + args.seconds
+    cmd = [sys.executable, __file__, "bare", "--hosts", ",".join(c.host for c in cards),
+           "--dir", str(workdir), "--start", str(start), "--end", str(end)]  # fmt: skip
+    with process(cmd, stdout=subprocess.PIPE, text=True) as bare:
+        time.sleep(max(0.0, start - time.time()))
+        cpu = cpu_meter([bare.pid])
+        time.sleep(max(0.0, end - time.time()))
+        pct = cpu()
+        moved = last_json(bare)["bytes"]
+    return pct, sum(moved.values()) / args.seconds / 1e6
+
+
+def measure_ioc(n: int, cards: list[SimCard], args: argparse.Namespace, workdir: Path,
+                sim_pids: list[int], ioc: subprocess.Popen, bridge_port: int
+                ) -> Row:  # fmt: skip
+    from dtacq_ioc.card.knobs import KnobClient
+
+    for card in cards:
+        card_streaming(card, ioc)
+    for card in cards:
+        start_run(card, args.rotate_s, ioc)
+    pvs = ",".join(c.prefix + "1:AI:WF:01" for c in cards)
+    start = time.time() + CONNECT_S
+    end = start + args.seconds
+    window = ["--pvs", pvs, "--start", str(start), "--end", str(end)]
+    me = [sys.executable, __file__]
+    out: dict[str, Any] = {"stdout": subprocess.PIPE, "text": True}
+    with contextlib.ExitStack() as stack:
+        cas = [stack.enter_context(process([*me, "ca-client", *window], **out))
+               for _ in range(CA_CLIENTS)]  # fmt: skip
+        url = f"ws://127.0.0.1:{bridge_port}/pvws/pv"
+        ws = stack.enter_context(process([*me, "ws-clients", "--url", url, "--count",
+                                          str(WS_CLIENTS), *window], **out))  # fmt: skip
+        time.sleep(max(0.0, start - time.time()))
+        ioc_cpu, sim_cpu = cpu_meter([ioc.pid]), cpu_meter(sim_pids)
+        client_cpu = cpu_meter([c.pid for c in cas] + [ws.pid])
+        busy = machine_busy()
+        rss = []
+        while (left := end - time.time()) > 0:
+            time.sleep(min(1.0, left))
+            rss.append(rss_mb(ioc.pid))
+        ioc_pct, sim_pct, client_pct, busy_pct = ioc_cpu(), sim_cpu(), client_cpu(), busy()
+        ca = [last_json(c) for c in cas]
+        ws_result = last_json(ws)
+    stream = []
+    for card in cards:
+        received = int(caget(card.prefix + "STREAM:SAMPLES"))  # first: sent >= received
+        knobs = KnobClient(card.name, card.host, 0, 4220, 5.0)
+        try:
+            stream.append((int(knobs.query("SIM:SENT")), received))
+        finally:
+            knobs.close()
+    for card in cards:
+        caput(card.prefix + "RUN:STOP", 1, timeout=120)
+    results = []
+    for card, (sent, received) in zip(cards, stream, strict=True):
+        wait_until(lambda c=card: caget(c.prefix + "RUN:STATE_RBV", as_string=True)
+                   in ("IDLE", "FAULT"), f"{card.name}'s run to end", ioc)  # fmt: skip
+        errors = int(caget(card.prefix + "STREAM:COUNTER_ERRORS")) + int(
+            caget(card.prefix + "RUN:ERRORS_RBV")
+        )
+        overruns = int(caget(card.prefix + "RUN:OVERRUNS_RBV"))
+        span, in_files, catalog, problems = run_files_result(
+            workdir / "data", card, args.keep_files
+        )
+        results.append(CardResult(sent, received, span, in_files, catalog, errors,
+                                  overruns, problems))  # fmt: skip
     ca_hz = [c["hz"] for c in ca]
     return Row(n, results, ioc_pct, (statistics.mean(rss), max(rss)), sim_pct, ca_hz,
-               ws_result["clients"])  # fmt: skip
+               ws_result["clients"], client_pct, busy_pct)  # fmt: skip
 
 
 def cpu_meter(pids: list[int]) -> Callable[[], float]:
@@ -414,24 +508,30 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
           f"files rotated every {args.rotate_s:g} s\n")  # fmt: skip
     head = (f"{'N':>2} {'sent':>11} {'received':>11} {'run: sent':>11} {'in files':>11} "
             f"{'catalog':>11} {'cnt err':>7} {'ovr':>4} {'IOC CPU%':>8} {'RSS MB':>9} "
-            f"{'sim CPU%':>8} {'CA Hz':>6} {'PVWS Hz':>7} {'cost/card':>9} lossless")  # fmt: skip
+            f"{'sim CPU%':>8} {'clients%':>8} {'busy%':>5} {'CA Hz':>6} {'PVWS Hz':>7} "
+            f"{'cost/card':>9} {'bare CPU%':>9} {'IOC/bare':>8} lossless")  # fmt: skip
     print(head)
     base = next((r.ioc_cpu_pct for r in rows if r.n == 1), None)
     for r in rows:
         cost = f"{r.ioc_cpu_pct / r.n / base:.2f}" if base else "-"
+        over_bare = f"{r.ioc_cpu_pct / r.bare_cpu_pct:.2f}" if r.bare_cpu_pct else "-"
         lossless = all(c.lossless for c in r.cards)
         rss = f"{r.ioc_rss_mb[0]:.0f}/{r.ioc_rss_mb[1]:.0f}"
         print(f"{r.n:>2} {r.total('sent'):>11} {r.total('received'):>11} "
               f"{r.total('run_span'):>11} {r.total('in_files'):>11} {r.total('catalog'):>11} "
               f"{r.total('counter_errors'):>7} {r.total('overruns'):>4} {r.ioc_cpu_pct:>8.1f} "
-              f"{rss:>9} {r.sim_cpu_pct:>8.1f} {r.ca_min:>6.2f} {r.ws_min:>7.2f} {cost:>9} "
-              f"{'yes' if lossless else 'NO'}")  # fmt: skip
+              f"{rss:>9} {r.sim_cpu_pct:>8.1f} {r.client_cpu_pct:>8.1f} {r.busy_pct:>5.0f} "
+              f"{r.ca_min:>6.2f} {r.ws_min:>7.2f} {cost:>9} {r.bare_cpu_pct:>9.1f} "
+              f"{over_bare:>8} {'yes' if lossless else 'NO'}")  # fmt: skip
         for text in [p for c in r.cards for p in c.problems] + r.slow()[:10]:
             print(f"   {text}")
     print("\n'sent'/'received': SIM:SENT / STREAM:SAMPLES summed over the cards when the "
           "clients stopped; 'run: sent': the simulator's samples over the runs (the files' "
-          "counter span); RSS mean/max over the window; CA/PVWS Hz: the slowest client's "
-          "slowest PV")  # fmt: skip
+          "counter span); RSS mean/max over the window; clients%: the CA and PVWS client "
+          "processes; busy%: the whole machine, of all its cores; CA/PVWS Hz: the slowest "
+          "client's slowest PV; bare: the same streams read, written and hashed by a "
+          "bare reader (one thread per card) before the IOC, at "
+          f"{', '.join(f'{r.bare_mbps:.0f}' for r in rows)} MB/s")  # fmt: skip
     last = max(rows, key=lambda r: r.n)
     cost_last = last.ioc_cpu_pct / last.n / base if base else None
     slowest = min(min(r.ca_min, r.ws_min) for r in rows)
@@ -502,7 +602,7 @@ def startup(args: argparse.Namespace, base: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("role", nargs="?", default="bench",
-                        choices=["bench", "ca-client", "ws-clients"])  # fmt: skip
+                        choices=["bench", "ca-client", "ws-clients", "bare"])  # fmt: skip
     parser.add_argument("--cards", default="1,2,4,8", help="the N to run, comma-separated")
     parser.add_argument("--seconds", type=float, default=20.0, help="window measured per N")
     parser.add_argument("--rotate-s", type=float, default=5.0, help="seconds per run file")
@@ -512,6 +612,7 @@ def main() -> int:
     parser.add_argument("--startup-cards", type=int, default=8)
     parser.add_argument("--launches", type=int, default=3)
     parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--hosts", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=WS_CLIENTS, help=argparse.SUPPRESS)
     parser.add_argument("--pvs", help=argparse.SUPPRESS)
     parser.add_argument("--start", type=float, help=argparse.SUPPRESS)
@@ -521,6 +622,8 @@ def main() -> int:
         return ca_client_main(args)
     if args.role == "ws-clients":
         return ws_clients_main(args)
+    if args.role == "bare":
+        return bare_main(args)
     try:
         ns = [int(x) for x in args.cards.split(",")]
     except ValueError:
