@@ -153,3 +153,57 @@ def test_a_stalled_client_costs_neither_memory_nor_other_clients_updates(big_ioc
         client.stdin.close()
         client.terminate()
         client.wait(timeout=10)
+
+
+CHECKING_CLIENT = textwrap.dedent(
+    """
+    import sys, epics
+    names = [f"{sys.argv[1]}1:AI:WF:{i:02d}" for i in range(1, 17)]
+    whole = set()  # PVs past their value from before the stream ran
+    def seen(pvname=None, value=None, **kw):
+        # Channel 1 plays a 1 kHz sine at 1 MHz: a whole array of it repeats every 1000
+        # samples, so bytes of another message in it would show. Every array is whole.
+        good = len(value) == 100_000
+        if not good and pvname not in whole:
+            return
+        whole.add(pvname)
+        if good and pvname == names[0]:
+            good = abs(int(value.max()) - 16384) < 100 and \
+                abs(value[1000:2000].astype(int) - value[:1000]).max() < 50
+        print(f"{'ok' if good else 'bad'} {pvname}", flush=True)
+    pvs = [epics.PV(n, auto_monitor=True, callback=seen) for n in names]
+    sys.stdin.read()  # until the test closes stdin
+    """
+)
+
+
+def test_several_clients_of_big_frames_each_get_every_array_intact(big_ioc):
+    """Three clients of all 16 waveforms (3.2 MB a frame each): the frames go to them
+    side by side (the Fanout's sender threads), and every array each client gets is
+    whole and unmixed, over at least 20 frames."""
+    clients = [subprocess.Popen([sys.executable, "-c", CHECKING_CLIENT, big_ioc.prefix],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env=dict(os.environ))
+               for _ in range(3)]  # fmt: skip
+    seen = [{"ok": 0, "bad": 0} for _ in clients]
+    names: list[set[str]] = [set() for _ in clients]
+
+    def read(i: int) -> None:
+        for line in clients[i].stdout:
+            verdict, _, name = line.strip().partition(" ")
+            if verdict in seen[i]:
+                seen[i][verdict] += 1
+                names[i].add(name)
+
+    for i in range(len(clients)):
+        threading.Thread(target=read, args=(i,), daemon=True).start()
+    try:
+        wait_for(lambda: min(s["ok"] for s in seen) >= 16 * 20, "20 frames at every client",
+                 timeout=90)  # fmt: skip
+        assert all(s["bad"] == 0 for s in seen), seen
+        assert all(len(n) == 16 for n in names), [len(n) for n in names]
+    finally:
+        for client in clients:
+            client.stdin.close()
+            client.terminate()
+            client.wait(timeout=10)

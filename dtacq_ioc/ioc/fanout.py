@@ -25,6 +25,7 @@ import struct
 import time
 import weakref
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,8 @@ MAX_BUFFER_BYTES = 8 << 20  # per client: about two frames of 16 x 100k int16
 SUBSCRIPTION_ID_OFFSET = 12  # parameter2 in both the short and the extended CA header
 SLOW_LOG_INTERVAL_S = 10.0
 IOV_MAX = 1024  # buffers per sendmsg (Linux)
+PARALLEL_SEND_BYTES = 1 << 20  # below this a frame is sent on the loop: a thread costs more
+SENDER_THREADS = 4
 
 Buffers = tuple[bytes, memoryview, bytes]  # header + metadata, data, padding
 
@@ -90,8 +93,11 @@ class Fanout:
     each client in one `sendmsg`, so a client is woken once a frame, not once a PV.
     """
 
-    def __init__(self, max_buffer_bytes: int = MAX_BUFFER_BYTES):
+    def __init__(self, max_buffer_bytes: int = MAX_BUFFER_BYTES,
+                 sender_threads: int = SENDER_THREADS):  # fmt: skip
         self.max_buffer_bytes = max_buffer_bytes
+        self._senders = (ThreadPoolExecutor(sender_threads, thread_name_prefix="ca-send")
+                         if sender_threads > 1 else None)  # fmt: skip
         self.sent = 0
         self.dropped = 0  # updates replaced by a newer one before a slow client took them
         # circuit -> subscription id -> newest update: this turn's, and a slow client's
@@ -119,6 +125,7 @@ class Fanout:
     def _send_batches(self) -> None:
         self._flush = None
         batches, self._batches = self._batches, {}
+        direct: list[tuple[Any, dict[int, _Entry]]] = []
         for circuit, waiting in batches.items():
             if not _open(circuit):
                 continue
@@ -131,17 +138,49 @@ class Fanout:
                 task = asyncio.get_running_loop().create_task(self._drain(circuit, writer))
                 self._drains.add(task)
                 task.add_done_callback(self._drains.discard)
+            elif queued:
+                self._write(circuit, waiting, direct=False)
             else:
-                self._write(circuit, waiting, direct=not queued)
+                direct.append((circuit, waiting))
+        self._write_direct(direct)
+
+    def _write_direct(self, batches: list[tuple[Any, dict[int, _Entry]]]) -> None:
+        """Send to each circuit whose socket is idle; big frames to several at once.
+
+        A big frame's `sendmsg` is the kernel copying megabytes, one client after
+        another. With several clients the copies run on the sender threads side by side
+        (sendmsg releases the GIL) while this loop waits for them all, so nothing else
+        can write to those sockets meanwhile and the bytes never interleave."""
+        if (
+            len(batches) < 2
+            or self._senders is None
+            or all(sum(e.nbytes for e in w.values()) < PARALLEL_SEND_BYTES for _, w in batches)
+        ):
+            for circuit, waiting in batches:
+                self._write(circuit, waiting, direct=True)
+            return
+        prepared = [(circuit, *self._prepare(circuit, waiting)) for circuit, waiting in batches]
+        started = time.time()
+        futures = [self._senders.submit(_sendmsg, circuit_transport(c), buffers)
+                   for c, _, buffers in prepared]  # fmt: skip
+        for (circuit, live, buffers), future in zip(prepared, futures, strict=True):
+            self._finish(circuit, live, buffers, future.result(), started)
 
     def _write(self, circuit: Any, waiting: dict[int, _Entry], direct: bool) -> None:
+        live, buffers = self._prepare(circuit, waiting)
+        started = time.time()
+        sent = _sendmsg(circuit_transport(circuit), buffers) if direct else 0
+        self._finish(circuit, live, buffers, sent, started)
+
+    def _prepare(self, circuit: Any, waiting: dict[int, _Entry]) -> tuple[list[_Entry], list[Any]]:
         # A subscription cancelled meanwhile must get nothing more.
         live = [e for e in waiting.values() if e.sub in circuit.subscriptions.get(e.spec, ())]
-        buffers = [b for e in live for b in e.buffers]
-        transport = circuit_transport(circuit)
-        started = time.time()
-        sent = _sendmsg(transport, buffers) if direct else 0
-        _queue(transport, buffers, sent)
+        return live, [b for e in live for b in e.buffers]
+
+    def _finish(self, circuit: Any, live: list[_Entry], buffers: list[Any], sent: int,
+                started: float) -> None:  # fmt: skip
+        """Queue on the transport what the socket did not take at once."""
+        _queue(circuit_transport(circuit), buffers, sent)
         self.sent += len(live)
         if timing.isEnabledFor(logging.DEBUG):
             total = sum(_size(b) for b in buffers)
@@ -178,6 +217,8 @@ class Fanout:
         await asyncio.gather(*self._drains, return_exceptions=True)
         self._batches.clear()
         self._slow.clear()
+        if self._senders is not None:
+            self._senders.shutdown(wait=True)
 
 
 def _open(circuit: Any) -> bool:
