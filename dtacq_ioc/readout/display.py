@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -100,20 +101,77 @@ class Snapshot:
         return self._derived[key]
 
 
+@dataclass(frozen=True)
+class DisplayMemory:
+    """Where a display stage keeps its ring: plain arrays, or views of one shared mapping
+    (a readout process writes the ring, the IOC reads it; see `readout.process`).
+
+    `meta` holds the next column, the columns filled, the buffers seen and the newest
+    spad counter; `scale` the volts per code of each channel, then the sample rate, so
+    a reader in another process sees calibration changes with the samples.
+    """
+
+    ring: np.ndarray  # (channels, samples) ADC codes
+    meta: np.ndarray  # int64: pos, filled, updates, counter
+    scale: np.ndarray  # float64: volts per code per channel, then the sample rate
+
+    @staticmethod
+    def nbytes(nchan: int, samples: int, dtype: np.dtype) -> int:
+        return META_FIELDS * 8 + (nchan + 1) * 8 + nchan * samples * dtype.itemsize
+
+    @classmethod
+    def local(cls, nchan: int, samples: int, dtype: np.dtype) -> DisplayMemory:
+        return cls.over(bytearray(cls.nbytes(nchan, samples, dtype)), nchan, samples, dtype)
+
+    @classmethod
+    def over(cls, buffer: Any, nchan: int, samples: int, dtype: np.dtype) -> DisplayMemory:
+        """Views of `buffer` (an mmap, say), laid out as `nbytes` counts it."""
+        meta = np.frombuffer(buffer, np.int64, META_FIELDS, 0)
+        scale = np.frombuffer(buffer, np.float64, nchan + 1, META_FIELDS * 8)
+        ring = np.frombuffer(
+            buffer, dtype, nchan * samples, META_FIELDS * 8 + (nchan + 1) * 8
+        ).reshape(nchan, samples)
+        return cls(ring=ring, meta=meta, scale=scale)
+
+
+META_FIELDS = 4
+_POS, _FILLED, _UPDATES, _COUNTER = range(META_FIELDS)
+
+
 class DisplayStage:
-    def __init__(self, channel_map: ChannelMap, samples: int, sample_rate_hz: float = 0.0):
+    """The ring and its statistics. `memory` and `lock` are given when another process
+    shares them: the writer (`update`, `set_calibration`) makes the stage with the sample
+    rate, the reader (`snapshot`) with None, leaving the writer's calibration in place."""
+
+    def __init__(
+        self,
+        channel_map: ChannelMap,
+        samples: int,
+        sample_rate_hz: float | None = 0.0,
+        memory: DisplayMemory | None = None,
+        lock: Any = None,
+    ):
         if samples < 2:
             raise ValueError(f"display samples must be >= 2, got {samples}")
         self.channel_map = channel_map
         self.size = samples
-        self.sample_rate_hz = sample_rate_hz
-        self._ring = np.zeros((channel_map.nchan, samples), dtype=code_dtype(channel_map))
-        self._pos = 0  # next column to write
-        self._filled = 0
-        self._updates = 0
-        self._counter = 0
+        dtype = code_dtype(channel_map)
+        self._mem = memory or DisplayMemory.local(channel_map.nchan, samples, dtype)
+        if self._mem.ring.shape != (channel_map.nchan, samples) or self._mem.ring.dtype != dtype:
+            raise ValueError("display memory does not fit the channel map")
+        self._ring = self._mem.ring
         self._axes: tuple[int, float, Axes] | None = None  # n, rate, axes
-        self._lock = threading.Lock()
+        self._lock = lock if lock is not None else threading.Lock()
+        if sample_rate_hz is not None:  # None: a reader, the writer keeps the calibration
+            self._set_scale(channel_map, sample_rate_hz)
+
+    @property
+    def sample_rate_hz(self) -> float:
+        return float(self._mem.scale[-1])
+
+    def _set_scale(self, channel_map: ChannelMap, sample_rate_hz: float) -> None:
+        self._mem.scale[:-1] = channel_map.volts_per_code
+        self._mem.scale[-1] = sample_rate_hz
 
     def update(self, ai: np.ndarray, counter: int = 0) -> None:
         """Take the newest rows of a (rows, channels) block; `counter`: its last sample's spad."""
@@ -121,15 +179,17 @@ class DisplayStage:
             return
         codes = self.channel_map.shift(ai[-self.size :])
         n = len(codes)
+        meta = self._mem.meta
         with self._lock:
-            first = min(n, self.size - self._pos)
-            _write_columns(self._ring, self._pos, codes[:first])
+            pos = int(meta[_POS])
+            first = min(n, self.size - pos)
+            _write_columns(self._ring, pos, codes[:first])
             if n > first:
                 _write_columns(self._ring, 0, codes[first:])
-            self._pos = (self._pos + n) % self.size
-            self._filled = min(self.size, self._filled + n)
-            self._updates += 1
-            self._counter = counter
+            meta[_POS] = (pos + n) % self.size
+            meta[_FILLED] = min(self.size, int(meta[_FILLED]) + n)
+            meta[_UPDATES] += 1
+            meta[_COUNTER] = counter
 
     def set_calibration(self, channel_map: ChannelMap, sample_rate_hz: float) -> None:
         """New gains or clock: volts and frequencies follow from the next snapshot."""
@@ -137,16 +197,17 @@ class DisplayStage:
             if channel_map.nchan != self.channel_map.nchan:
                 raise ValueError("channel count changed; make a new DisplayStage")
             self.channel_map = channel_map
-            self.sample_rate_hz = sample_rate_hz
+            self._set_scale(channel_map, sample_rate_hz)
 
     def snapshot(self) -> Snapshot:
         """The latest samples (a copy) and their statistics."""
+        meta = self._mem.meta
         with self._lock:
-            raw = self._copy_out()
-            vpc = self.channel_map.volts_per_code.copy()
-            rate = self.sample_rate_hz
-            updates = self._updates
-            counter = self._counter
+            raw = self._copy_out(int(meta[_POS]), int(meta[_FILLED]))
+            vpc = self._mem.scale[:-1].copy()
+            rate = float(self._mem.scale[-1])
+            updates = int(meta[_UPDATES])
+            counter = int(meta[_COUNTER])
         minimum, maximum, mean, rms = code_statistics(raw, vpc)
         return Snapshot(
             raw=raw,
@@ -161,16 +222,15 @@ class DisplayStage:
             counter=counter,
         )
 
-    def _copy_out(self) -> np.ndarray:
+    def _copy_out(self, pos: int, n: int) -> np.ndarray:
         """The ring's samples, oldest first, in a new array (call with the lock held)."""
-        n = self._filled
         raw = np.empty((self._ring.shape[0], n), dtype=self._ring.dtype)
         if n < self.size:
             raw[:] = self._ring[:, :n]
         else:
-            tail = self.size - self._pos
-            raw[:, :tail] = self._ring[:, self._pos :]
-            raw[:, tail:] = self._ring[:, : self._pos]
+            tail = self.size - pos
+            raw[:, :tail] = self._ring[:, pos:]
+            raw[:, tail:] = self._ring[:, :pos]
         return raw
 
     def _axes_for(self, n: int, rate: float) -> Axes:
