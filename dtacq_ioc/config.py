@@ -31,6 +31,8 @@ CARRIERS = ("acq2106", "acq1001")
 BACKENDS = ("sqlite", "couchdb")
 COUNTER_ERROR_POLICIES = ("stop", "continue")
 COUCH_AUTH = ("cookie", "basic")
+# Where each card's stream is read: a process of its own, or a thread of the IOC's.
+READOUT_MODES = ("process", "thread")
 SITES = range(1, 7)
 DEFAULT_MODULE = "ACQ425ELF"
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -177,6 +179,7 @@ class IocConfig:
     min_sample_rate_hz: float = 5000.0
     autosave_dir: Path | None = None
     trigger_dir: Path | None = None
+    readout: str = "process"
     access: AccessConfig = AccessConfig()
 
 
@@ -634,6 +637,7 @@ def _ioc(t: _Table) -> IocConfig:
         min_sample_rate_hz=t.positive("min_sample_rate_hz", float, d.min_sample_rate_hz, True),
         autosave_dir=t.file_path("autosave_dir", None),
         trigger_dir=t.file_path("trigger_dir", None),
+        readout=t.choice("readout", READOUT_MODES, d.readout),
         access=access,
     )
     t.finish()

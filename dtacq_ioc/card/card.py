@@ -303,6 +303,16 @@ class Card:
         self.knob(CLOCK_SITE).set("clk", EXTERNAL_CLK)
         self._ext_clock_hz = float(freq_hz)
 
+    @property
+    def ext_clock_hz(self) -> float | None:
+        """The front-panel clock's frequency as set here (the card cannot say it exactly)."""
+        return self._ext_clock_hz
+
+    def assume_external_clock(self, freq_hz: float | None) -> None:
+        """Take the frequency another process set (a readout process's card is told its
+        IOC's), without touching the card."""
+        self._ext_clock_hz = freq_hz
+
     def _hi_res_sites(self) -> list[SiteInfo]:
         infos = [self.site_info(s) for s in self.ai_sites()]
         return [i for i in infos if i.spec.hi_res_divider != i.spec.divider]

@@ -22,13 +22,14 @@ from dtacq_ioc.config import ArchiveConfig, CardConfig, IocConfig
 from dtacq_ioc.ioc import pvs
 from dtacq_ioc.ioc.autosave import Autosave
 from dtacq_ioc.ioc.cardgroup import CardPVs, Handlers, Update, site_layouts
-from dtacq_ioc.ioc.context import CardContext
+from dtacq_ioc.ioc.context import CardContext, ReadoutLike
 from dtacq_ioc.ioc.link import CardLink
 from dtacq_ioc.ioc.publisher import Publisher
 from dtacq_ioc.ioc.runs import RunControl
 from dtacq_ioc.ioc.settings import CardSettings
 from dtacq_ioc.ioc.shots import ShotControl
 from dtacq_ioc.readout.pipeline import Readout
+from dtacq_ioc.readout.process import ReadoutProcess
 from dtacq_ioc.readout.triggers import TriggerRegistry
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,16 @@ class CardController:
         self.name = config.name
         self.autosave = autosave
         card = Card(config, ioc.min_sample_rate_hz)
-        readout = Readout(
-            card, ioc, archive, catalog, triggers=triggers,
-            on_state=lambda stats: self.link.on_stream_state(stats),
-            on_alarm=lambda message: self.link.on_alarm(message),
-        )  # fmt: skip
+        callbacks: dict[str, Any] = {
+            "on_state": lambda stats: self._link().on_stream_state(stats),
+            "on_alarm": lambda message: self._link().on_alarm(message),
+        }
+        readout: ReadoutLike
+        if ioc.readout == "process":
+            clock = lambda: card.ext_clock_hz  # noqa: E731
+            readout = ReadoutProcess(config, ioc, archive, catalog, ext_clock_hz=clock, **callbacks)
+        else:
+            readout = Readout(card, ioc, archive, catalog, triggers=triggers, **callbacks)
         self.ctx = ctx = CardContext(
             config, ioc, card, readout, site_layouts(config), publish=self._publish
         )
@@ -75,6 +81,9 @@ class CardController:
         self.publisher = Publisher(
             ctx, self.pvs, self.link, catalog, triggers, Path(archive.data_dir)
         )
+
+    def _link(self) -> CardLink:
+        return self.link  # made after the readout, which calls back through it
 
     @property
     def last_error(self) -> str:
@@ -118,6 +127,7 @@ class CardController:
         await self.publisher.publish_triggers()
 
     async def run(self) -> None:
+        self.readout.prepare()  # a readout process starts while the card connects
         await self.link.run()
 
     async def publish_loop(self) -> None:

@@ -101,8 +101,10 @@ class Readout:
         on_state: Callable[[ReadoutStats], None] | None = None,
         on_run: Callable[[Run], None] | None = None,
         on_alarm: Callable[[str], None] | None = None,
+        make_display: Callable[[ChannelMap, int, float], DisplayStage] = DisplayStage,
     ):
         self.card = card
+        self.make_display = make_display  # a readout process puts the ring in shared memory
         self.ioc = ioc
         self.archive = archive
         self.catalog = catalog
@@ -131,6 +133,9 @@ class Readout:
 
     # -- stream ---------------------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """Nothing to make ready in this process (a `ReadoutProcess` starts its process)."""
+
     def start(
         self, sites: tuple[int, ...] | None = None, buffer_samples: int | None = None
     ) -> None:
@@ -149,7 +154,7 @@ class Readout:
             self._check = CounterCheck(
                 enabled=all(s.counter_check for s in specs), name=self.card.name
             )
-            self.display = DisplayStage(
+            self.display = self.make_display(
                 self.channel_map, self.ioc.display_samples, self.sample_rate_hz
             )
             self._counters = StreamCounters(self._check.errors)
