@@ -155,8 +155,16 @@ class Publisher:
         self._tap_run_buffers()
         ctx = self.ctx
         connected = ctx.connected and self.link.state != "DISCONNECTED"
-        state = "RUNNING" if ctx.run_active() and connected else self.link.state
         upd = Update(link_ok=connected)
+        frame = None
+        if connected and ctx.readout.display is not None:
+            frame = await self._frame_values(upd)
+        # The rest is read after the frame's wait and written first: a refusal's LAST_ERROR
+        # or a put's readback published meanwhile is never undone by an older reading.
+        connected = ctx.connected and self.link.state != "DISCONNECTED"
+        upd.link_ok = connected
+        state = "RUNNING" if ctx.run_active() and connected else self.link.state
+        frame_values, upd.values = upd.values, {}
         values = upd.values
         values.update(
             STATE=state,
@@ -170,9 +178,7 @@ class Publisher:
             values.update(ctx.readbacks)
         self._stream_values(upd, connected)
         self._run_values(upd)
-        frame = None
-        if connected and ctx.readout.display is not None:
-            frame = await self._frame_values(upd)
+        values.update(frame_values)
         upd.timestamp = time.time()  # when the values are published, after the arithmetic
         if frame is not None:
             self._new_frame(*frame, upd)
