@@ -12,8 +12,9 @@ the same run, one after the other, by:
    elements, set to new data at 10 Hz by a small script run as its own process.
 
 Reported per server: updates/s per client (mean over its 16 PVs, and the slowest
-PV), server CPU (% of one core, from /proc/<pid>/stat over the window), server RSS
-at the end of the window, and latency (client receive time minus the PV's
+PV), server CPU (% of one core, from /proc/<pid>/stat over the window, ours with its
+readout process), server memory (PSS of those processes, mean/max over the window:
+shared pages counted once), and latency (client receive time minus the PV's
 timestamp), median and p95. Targets (issue 4): every client >= 9.5 Hz, memory <=
 pythonSoftIOC's, CPU <= 1.3x pythonSoftIOC's, p95 < 50 ms.
 
@@ -67,6 +68,35 @@ def rss_mb(pid: int) -> float:
 def children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def own_processes(pid: int) -> list[int]:
+    """`pid` and the processes it runs as parts of itself (the readout processes and
+    multiprocessing's tracker), not the simulator it may have started."""
+    return [pid, *(c for c in children(pid) if b"multiprocessing" in cmdline(c))]
+
+
+def simulator_processes(pid: int) -> list[int]:
+    return [c for c in children(pid) if b"multiprocessing" not in cmdline(c)]
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def pss_mb(pids: list[int]) -> float:
+    """Proportional set size of the processes together: shared pages (the libraries, the
+    display rings) counted once between them, where summing RSS would count them in each."""
+    total_kb = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                total_kb += int(line.split()[1])
+                break
+    return total_kb / 1024
 
 
 @dataclass
@@ -221,12 +251,13 @@ def measure(server: subprocess.Popen, prefix: str, args: argparse.Namespace,
             for _ in range(nclients)
         ]
         time.sleep(max(0.0, start - time.time()))
-        cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
+        pids = own_processes(server.pid)  # ours reads the stream in a process of its own
+        cpu0, t0 = sum(cpu_seconds(p) for p in pids), time.monotonic()
         rss = []  # sampled through the window: numpy temporaries make one reading noisy
         while (left := end - time.time()) > 0:
             time.sleep(min(1.0, left))
-            rss.append(rss_mb(server.pid))
-        cpu1, t1 = cpu_seconds(server.pid), time.monotonic()
+            rss.append(pss_mb(pids))
+        cpu1, t1 = sum(cpu_seconds(p) for p in pids), time.monotonic()
         results = []
         for c in clients:
             out, _ = c.communicate(timeout=60)
@@ -268,7 +299,7 @@ data_dir = "data"
         wait_until(lambda: epics.caget(prefix + "STREAM:MBPS", timeout=1) > 30,
                    "the stream at full rate", ioc)  # fmt: skip
         mbps = epics.caget(prefix + "STREAM:MBPS")
-        sims = children(ioc.pid)
+        sims = simulator_processes(ioc.pid)
         sim_cpu0 = sum(cpu_seconds(p) for p in sims)
         t0 = time.monotonic()
         _, cpu, rss = measure(ioc, prefix, args, 0)
@@ -336,7 +367,7 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
     out = sys.stdout.write
     out(f"\n{args.channels} ch x {args.samples} int16 at {args.rate} Hz, "
         f"{args.clients} pyepics clients, {args.window:.0f} s window\n\n")  # fmt: skip
-    out(f"{'server':<20}{'client Hz (slowest PV)':<36}{'CPU %':>7}{'RSS MB mean/max':>16}"
+    out(f"{'server':<20}{'client Hz (slowest PV)':<36}{'CPU %':>7}{'PSS MB mean/max':>16}"
         f"{'lat med ms':>11}{'p95 ms':>8}\n")  # fmt: skip
     for r in rows:
         hz = " ".join(f"{c['hz']:.2f}({c['min_hz']:.1f})" for c in r.clients) or "-"

@@ -14,7 +14,8 @@ Printed per N, over a `--seconds` window: samples sent by the simulators (SIM:SE
 and received by the IOC (STREAM:SAMPLES) when the clients stop; over the run, the
 samples the simulators sent (the files' counter span) vs the samples in the files vs
 the catalog's count; counter errors (STREAM:COUNTER_ERRORS + RUN:ERRORS_RBV);
-overruns (RUN:OVERRUNS_RBV); the IOC's CPU (% of one core) and RSS (from /proc);
+overruns (RUN:OVERRUNS_RBV); the IOC's CPU (% of one core) and memory (PSS, from /proc),
+both with its readout processes (`--readout process`, the default) or not (`thread`);
 the simulator's CPU, the clients' CPU and the whole machine's (busy % of all cores);
 the slowest display rate seen by any CA and any PVWS client (Hz, the minimum over
 clients of each client's slowest PV); and the cost per card (IOC CPU / N over IOC CPU
@@ -60,8 +61,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from ca_waveforms import (  # noqa: E402  (this directory's helpers: /proc readers, processes)
     ca_environment,
     cpu_seconds,
+    own_processes,
     process,
-    rss_mb,
+    pss_mb,
     wait_until,
 )
 from soak import COUNTER_WRAP, Ledger  # noqa: E402  (a run's files, counter continuity)
@@ -226,7 +228,8 @@ class SimCard:
     prefix: str
 
 
-def write_config(workdir: Path, n: int, bridge_port: int) -> tuple[Path, list[SimCard]]:
+def write_config(workdir: Path, n: int, bridge_port: int, readout: str = "process"
+                 ) -> tuple[Path, list[SimCard]]:  # fmt: skip
     tag = secrets.token_hex(2).upper()  # PV names of this run's own
     cards = [SimCard(f"C{i + 1}", random_loopback(), f"MC{tag}:C{i + 1}:") for i in range(n)]
     entries = "".join(
@@ -241,6 +244,7 @@ interfaces = ["127.0.0.1"]
 display_rate_hz = 10.0
 display_samples = 4096
 autosave_dir = "autosave"
+readout = "{readout}"
 [archive]
 data_dir = "data"
 [bridge]
@@ -406,7 +410,7 @@ def measure_n(n: int, args: argparse.Namespace, base: Path) -> Row:
     workdir = base / f"n{n}"
     workdir.mkdir(parents=True, exist_ok=True)
     bridge_port = free_port()
-    config, cards = write_config(workdir, n, bridge_port)
+    config, cards = write_config(workdir, n, bridge_port, args.readout)
     log = workdir / "ioc.log"
     with simulators(config, cards, workdir / "sim.log") as sim_pids:
         bare = measure_bare(cards, args, workdir)
@@ -452,13 +456,14 @@ def measure_ioc(n: int, cards: list[SimCard], args: argparse.Namespace, workdir:
         ws = stack.enter_context(process([*me, "ws-clients", "--url", url, "--count",
                                           str(WS_CLIENTS), *window], **out))  # fmt: skip
         time.sleep(max(0.0, start - time.time()))
-        ioc_cpu, sim_cpu = cpu_meter([ioc.pid]), cpu_meter(sim_pids)
+        ioc_pids = own_processes(ioc.pid)  # with its readout processes, when it has them
+        ioc_cpu, sim_cpu = cpu_meter(ioc_pids), cpu_meter(sim_pids)
         client_cpu = cpu_meter([c.pid for c in cas] + [ws.pid])
         busy = machine_busy()
         rss = []
         while (left := end - time.time()) > 0:
             time.sleep(min(1.0, left))
-            rss.append(rss_mb(ioc.pid))
+            rss.append(pss_mb(ioc_pids))
         ioc_pct, sim_pct, client_pct, busy_pct = ioc_cpu(), sim_cpu(), client_cpu(), busy()
         ca = [last_json(c) for c in cas]
         ws_result = last_json(ws)
@@ -506,9 +511,10 @@ def last_json(proc: subprocess.Popen) -> Any:
 def report(rows: list[Row], args: argparse.Namespace) -> None:
     print(f"\nACQ425ELF at 1 MHz (40 MB/s) per card, display 10 Hz, {CA_CLIENTS} CA + "
           f"{WS_CLIENTS} PVWS clients on one waveform per card, {args.seconds:g} s window, "
-          f"files rotated every {args.rotate_s:g} s\n")  # fmt: skip
+          f"files rotated every {args.rotate_s:g} s, readout: a {args.readout} per card\n"
+          )  # fmt: skip
     head = (f"{'N':>2} {'sent':>11} {'received':>11} {'run: sent':>11} {'in files':>11} "
-            f"{'catalog':>11} {'cnt err':>7} {'ovr':>4} {'IOC CPU%':>8} {'RSS MB':>9} "
+            f"{'catalog':>11} {'cnt err':>7} {'ovr':>4} {'IOC CPU%':>8} {'PSS MB':>9} "
             f"{'sim CPU%':>8} {'clients%':>8} {'busy%':>5} {'CA Hz':>6} {'PVWS Hz':>7} "
             f"{'cost/card':>9} {'bare CPU%':>9} {'IOC/bare':>8} lossless")  # fmt: skip
     print(head)
@@ -528,7 +534,7 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
             print(f"   {text}")
     print("\n'sent'/'received': SIM:SENT / STREAM:SAMPLES summed over the cards when the "
           "clients stopped; 'run: sent': the simulator's samples over the runs (the files' "
-          "counter span); RSS mean/max over the window; clients%: the CA and PVWS client "
+          "counter span); PSS mean/max over the window; clients%: the CA and PVWS client "
           "processes; busy%: the whole machine, of all its cores; CA/PVWS Hz: the slowest "
           "client's slowest PV; bare: the same streams read, written and hashed by a "
           "bare reader (one thread per card) before the IOC, at "
@@ -583,7 +589,7 @@ def median_text(seconds: list[float]) -> str:
 
 
 def startup(args: argparse.Namespace, base: Path) -> None:
-    config, cards = write_config(base, args.startup_cards, free_port())
+    config, cards = write_config(base, args.startup_cards, free_port(), args.readout)
     log = base / "startup.log"
     with simulators(config, cards, base / "sim.log"):
         up = time_launches(config, cards, log, args.launches, "--no-sim")
@@ -609,6 +615,12 @@ def main() -> int:
     parser.add_argument("--rotate-s", type=float, default=5.0, help="seconds per run file")
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: temp)")
     parser.add_argument("--keep-files", action="store_true", help="keep the run files")
+    parser.add_argument(
+        "--readout",
+        choices=["process", "thread"],
+        default="process",
+        help="where the IOC reads each card's stream ([ioc] readout)",
+    )
     parser.add_argument("--startup", action="store_true", help="time start-up instead")
     parser.add_argument("--startup-cards", type=int, default=8)
     parser.add_argument("--launches", type=int, default=3)
