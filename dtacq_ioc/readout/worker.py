@@ -34,7 +34,7 @@ from dtacq_ioc.config import ArchiveConfig, CardConfig, IocConfig
 from dtacq_ioc.readout.display import DisplayMemory, DisplayStage, code_dtype
 from dtacq_ioc.readout.peer import Peer
 from dtacq_ioc.readout.pipeline import Readout
-from dtacq_ioc.readout.run import Run
+from dtacq_ioc.readout.run import Run, RunState
 from dtacq_ioc.readout.transform import ChannelMap
 from dtacq_ioc.readout.triggers import TriggerRegistry
 
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
 
 CATALOG_METHODS = frozenset({"run_started", "run_updated", "run_finished"})
+FINAL_STATES = (RunState.IDLE, RunState.FAULT)
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,9 @@ class Worker:
             self._ended.set()
 
     def _snapshot(self, run: Run) -> RunSnapshot:
-        # The record is final once set, just before the run's last state change.
-        done = run.done or run.record is not None
+        # Done with its last state change (IDLE or FAULT, the record made), a moment
+        # before `run.done`: the snapshot sent with that change must say so.
+        done = run.done or (run.record is not None and run.state in FINAL_STATES)
         return RunSnapshot(
             seq=next(self._seq),
             run_id=run.run_id,
