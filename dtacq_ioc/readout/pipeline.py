@@ -300,7 +300,6 @@ class Readout:
     def stream_info(self) -> StreamInfo:
         """What a run's header says of the stream it taps."""
         assert self.layout is not None and self.channel_map is not None
-        labels = self.card.config.gain_labels
         return StreamInfo(
             card=self.card.name,
             host=self.card.config.host,
@@ -308,11 +307,7 @@ class Readout:
             channel_map=self.channel_map,
             word_size=self.layout.word_size,
             gains=dict(self.gains),
-            gain_labels={
-                s: labels[self.card.site_info(s).spec.name]
-                for s in self.layout.sites
-                if self.card.site_info(s).spec.name in labels
-            },
+            gain_labels=gain_labels(self.card, self.layout.sites),
             buffer_samples=self.buffer_samples,
             card_nchan=self.layout.card_nchan,
         )
@@ -340,6 +335,13 @@ class Readout:
     def close(self) -> None:
         self.stop_run()
         self.stop()
+
+
+def gain_labels(card: StreamCard, sites: tuple[int, ...]) -> dict[int, tuple[str, ...]]:
+    """The config's gain labels of each site's module, for the sites that have them."""
+    labels = card.config.gain_labels
+    names = {s: card.site_info(s).spec.name for s in sites}
+    return {s: labels[name] for s, name in names.items() if name in labels}
 
 
 def _layout_bytes(card: StreamCard, sites: tuple[int, ...]) -> int:
