@@ -10,6 +10,7 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import epics
 import numpy as np
@@ -312,6 +313,26 @@ def distance_to_signal(wf: np.ndarray, signal: np.ndarray) -> float:
     """The largest difference between `wf` and the stretch of `signal` it fits best."""
     windows = np.lib.stride_tricks.sliding_window_view(signal, len(wf))
     return float(np.abs(windows - wf).max(axis=1).min())
+
+
+def test_unwatched_raw_waveforms_and_statistics_are_read_from_the_latest_frame(ioc):
+    # No frame writes an unwatched PV (most of them, most frames): a read brings it up.
+    wait_for(lambda: caget(ioc.pv("STREAM:SAMPLES")) > 0, "samples streaming")
+    suffixes = ("1:AI:WF:03", "1:AI:WF:03:V", "1:AI:CH:03", "1:AI:CH:03:MIN",
+                "1:AI:CH:03:MAX", "1:AI:CH:03:RMS")  # fmt: skip
+
+    def one_frame() -> list[Any] | None:
+        published = latest_frame_time(ioc)
+        reads = [unmonitored_read(ioc.pv(s)) for s in suffixes]
+        assert all(stamp >= published for _, stamp in reads), "older than the latest frame"
+        return [v for v, _ in reads] if len({stamp for _, stamp in reads}) == 1 else None
+
+    raw, volts, mean, low, high, rms = wait_for(one_frame, "six PVs of one frame")
+    assert len(raw) == 1024 and raw.dtype.kind == "i" and np.ptp(raw) > 100
+    np.testing.assert_allclose(volts, raw * (volts[np.argmax(raw)] / raw.max()), rtol=1e-12)
+    assert (low, high) == pytest.approx((volts.min(), volts.max()), rel=1e-12)
+    assert mean == pytest.approx(volts.mean(), rel=1e-9, abs=1e-12)
+    assert rms == pytest.approx(float(np.sqrt(np.mean(volts**2))), rel=1e-9)
 
 
 def test_unwatched_volts_and_spectra_are_read_from_the_latest_frame(ioc):

@@ -347,8 +347,12 @@ def _channel_pvs(pre: str, ch: str, raw_type: ChannelType, n: int, nspec: int) -
     p = pvs
     out = {}
     wf = f"{pre}AI:WF:{ch}"
-    out[wf] = p.waveform(wf, f"Ch {ch} latest samples, raw", raw_type, n, alarm_group=LINK)
-    # Volts and spectra are computed only while watched or when read (pvs._Derived).
+    # A frame's PVs are written only while watched, and brought up to the latest frame
+    # when read (pvs._Derived): most of them most frames nobody looks at, and writing
+    # them all was most of the event loop's work with many cards.
+    out[wf] = p.waveform(
+        wf, f"Ch {ch} latest samples, raw", raw_type, n, derived=True, alarm_group=LINK
+    )
     out[wf + ":V"] = p.waveform(
         wf + ":V", f"Ch {ch} latest samples", ChannelType.DOUBLE, n, units="V",
         precision=5, derived=True, alarm_group=LINK,
@@ -359,11 +363,14 @@ def _channel_pvs(pre: str, ch: str, raw_type: ChannelType, n: int, nspec: int) -
         precision=6, derived=True, alarm_group=LINK,
     )  # fmt: skip
     mean = f"{pre}AI:CH:{ch}"
-    out[mean] = p.number(mean, f"Ch {ch} mean", units="V", precision=5, alarm_group=LINK)
+    out[mean] = p.number(
+        mean, f"Ch {ch} mean", units="V", precision=5, alarm_group=LINK, derived=True
+    )
     for stat, what in (("MIN", "minimum"), ("MAX", "maximum"), ("RMS", "RMS")):
         out[f"{mean}:{stat}"] = p.number(
-            f"{mean}:{stat}", f"Ch {ch} {what}", units="V", precision=5, alarm_group=LINK
-        )
+            f"{mean}:{stat}", f"Ch {ch} {what}", units="V", precision=5, alarm_group=LINK,
+            derived=True,
+        )  # fmt: skip
     tw = f"{pre}AI:TW:{ch}"  # the last transient shot, decimated to n points
     out[tw] = p.waveform(tw, f"Ch {ch} last shot, ADC codes", ChannelType.LONG, n)
     out[tw + ":V"] = p.waveform(

@@ -42,23 +42,43 @@ _DOWN = (AlarmStatus.COMM, AlarmSeverity.MAJOR_ALARM)  # a true value that needs
 
 @dataclass(frozen=True)
 class DerivedPV:
-    """A waveform computed from a frame only while watched, or when a client reads it."""
+    """A PV of a frame, written only while watched, or made when a client reads it."""
 
     suffix: str
     channel: int  # among the card's AI channels
-    spectrum: bool  # else the channel's volts
+    kind: str  # one of DerivedPV.KINDS
+    narrow: bool = False  # raw codes of a 16-bit module in a 32-bit stream: sent as int16
 
-    def value(self, snap: Snapshot) -> np.ndarray:
-        return snap.spectrum(self.channel) if self.spectrum else snap.volts(self.channel)
+    KINDS = ("raw", "volts", "spectrum", "mean", "min", "max", "rms")
+    _STATISTIC = {"mean": "mean", "min": "minimum", "max": "maximum", "rms": "rms"}
+
+    def value(self, snap: Snapshot) -> Any:
+        kind, channel = self.kind, self.channel
+        if kind == "raw":
+            raw = snap.raw[channel]  # each snapshot's arrays are new: PVs may keep views
+            return raw.astype(np.int16, copy=False) if self.narrow else raw
+        if kind == "volts":
+            return snap.volts(channel)
+        if kind == "spectrum":
+            return snap.spectrum(channel)
+        return float(getattr(snap, self._STATISTIC[kind])[channel])
 
 
 def derived_pvs(sites: list[SiteLayout]) -> list[DerivedPV]:
+    """Every per-channel PV of a frame: raw codes, volts, spectrum and statistics."""
     out = []
     for layout in sites:
+        narrow = layout.spec.word_size == 2
         for i, col in enumerate(layout.channels):
             ch = f"{i + 1:02d}"
-            out.append(DerivedPV(f"{layout.site}:AI:WF:{ch}:V", col, spectrum=False))
-            out.append(DerivedPV(f"{layout.site}:AI:SPEC:{ch}", col, spectrum=True))
+            wf, mean = f"{layout.site}:AI:WF:{ch}", f"{layout.site}:AI:CH:{ch}"
+            out += [
+                DerivedPV(wf, col, "raw", narrow),
+                DerivedPV(f"{wf}:V", col, "volts"),
+                DerivedPV(f"{layout.site}:AI:SPEC:{ch}", col, "spectrum"),
+                DerivedPV(mean, col, "mean"),
+                *(DerivedPV(f"{mean}:{s.upper()}", col, s) for s in ("min", "max", "rms")),
+            ]
     return out
 
 
@@ -220,8 +240,8 @@ class Publisher:
         upd.alarms["RUN:STATE_RBV"] = _MAJOR if st["state"] == "FAULT" else _OK
 
     async def _frame_values(self, upd: Update) -> tuple[Snapshot, dict[str, DerivedPV]] | None:
-        """A new frame's values into `upd`: raw waveforms and statistics always, volts and
-        spectra of watched PVs only (the others are made when read), axes when changed."""
+        """A new frame's values into `upd`: the per-channel PVs that are watched (the others
+        are made when read, see `DerivedPV`), the counter, and the axes when changed."""
         display = self.ctx.readout.display
         assert display is not None
         # The stage's own map: its frames hold the columns of the sites it was made for.
@@ -240,8 +260,6 @@ class Publisher:
                 values[f"{layout.site}:AI:WF:TB"] = snap.timebase_s
                 if len(snap.freq_hz):
                     values[f"{layout.site}:AI:SPEC:FREQ"] = snap.freq_hz
-        for layout in layouts:
-            _site_values(layout, snap, values)
         values.update(zip((d.suffix for d in wanted), derived, strict=True))
         return snap, of_frame
 
@@ -309,22 +327,6 @@ def _take_frame(
     if (display, snap.updates) == last_frame or snap.samples == 0:
         return snap, []
     return snap, [d.value(snap) for d in wanted]
-
-
-def _site_values(layout: SiteLayout, snap: Snapshot, values: dict[str, Any]) -> None:
-    """A site's raw waveforms and statistics from a snapshot."""
-    pre = f"{layout.site}:"
-    # Each snapshot's arrays are new, so PVs may keep views of their rows.
-    raw = snap.raw[layout.channels.start : layout.channels.stop]
-    if layout.spec.word_size == 2:
-        raw = raw.astype(np.int16, copy=False)  # 16-bit codes of a data32 stream
-    for i, col in enumerate(layout.channels):
-        ch = f"{i + 1:02d}"
-        values[f"{pre}AI:WF:{ch}"] = raw[i]
-        values[f"{pre}AI:CH:{ch}"] = float(snap.mean[col])
-        values[f"{pre}AI:CH:{ch}:MIN"] = float(snap.minimum[col])
-        values[f"{pre}AI:CH:{ch}:MAX"] = float(snap.maximum[col])
-        values[f"{pre}AI:CH:{ch}:RMS"] = float(snap.rms[col])
 
 
 def _iso(epoch: float | None) -> str | None:

@@ -247,6 +247,13 @@ def _array_class(dtype: ChannelType, derived: bool, big: bool) -> type:
     return type(name, (*mixins, base), {})
 
 
+@cache
+def _derived_number_class() -> type:
+    """The read-only class of a number computed from the latest frame when wanted."""
+    base = pvspec_type_map_read_only[ChannelType.DOUBLE]
+    return type(f"Derived{base.__name__}", (RecordFields, _Derived, _Watched, base), {})
+
+
 def _writable(cls: type) -> type:
     return type(f"Checked{cls.__name__}", (RecordFields, _Checked, _Watched, cls), {})
 
@@ -360,9 +367,13 @@ def number(
     put: Handler | None = None,
     alarm_group: str | None = None,
     saved: bool = False,
+    derived: bool = False,
 ) -> pvproperty:
+    """A double; `derived` (read-only only): computed from the latest frame only while
+    watched or when read, as `waveform`'s."""
+    dtype = _derived_number_class() if derived and put is None else ChannelType.DOUBLE
     return make_pv(
-        name, float(value), doc, rtyp="ao" if put else "ai", dtype=ChannelType.DOUBLE,
+        name, float(value), doc, rtyp="ao" if put else "ai", dtype=dtype,
         units=units, precision=precision, limits=limits, put=put, alarm_group=alarm_group,
         saved=saved,
     )  # fmt: skip
