@@ -10,7 +10,10 @@ and measures, in the same run, on the same bytes:
 3. bare file write: the same number of bytes in the same chunk size to a file,
    then fsync (DigWriter fsyncs every file it closes);
 4. the run writer alone: the same bytes through `RunWriter` (pool, queue,
-   DigWriter with sha256), so "file writing / bare write" compares like with like.
+   DigWriter with sha256), so "file writing / bare write" compares like with like;
+5. sha256 alone over the same bytes in the same chunks: every file's digest is one
+   sequential sha256 (the catalog and the file server check it), so no writer can
+   be faster than this, however its writes overlap.
 
 The pipeline runs at several input rates (`--input-mbps`, the simulator's SIM:MBPS
 cap): the highest rate with no overruns is the sustained, lossless rate. At the
@@ -27,6 +30,7 @@ Targets (issue 14): lossless at 1170 MB/s with files written, and the run writer
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import socket
@@ -104,6 +108,15 @@ def bare_write(path: Path, total: int, chunk: int) -> float:
     elapsed = time.perf_counter() - t0
     path.unlink()
     return done / elapsed / MB
+
+
+def hash_alone(total: int, chunk: int) -> float:
+    data = np.random.default_rng(1).integers(0, 255, chunk, dtype=np.uint8)
+    digest = hashlib.sha256()
+    t0 = time.perf_counter()
+    for _ in range(0, total, chunk):
+        digest.update(data)
+    return total / (time.perf_counter() - t0) / MB
 
 
 def writer_alone(directory: Path, total: int, chunk: int, queue: int) -> float:
@@ -199,6 +212,7 @@ def main() -> int:
         wdir.mkdir()
         # Alternate and keep the best of each: the page cache makes the first pass slower.
         write_mbs = writer_mbs = 0.0
+        hash_mbs = max(hash_alone(total, chunk) for _ in range(2))
         for _ in range(2):
             write_mbs = max(write_mbs, bare_write(tmpdir / "bare.bin", total, chunk))
             queue = config.archive.writer_queue_buffers
@@ -213,6 +227,9 @@ def main() -> int:
     print(f"bare file write      {write_mbs:8.1f} MB/s  ({total / MB:.0f} MB, {chunk} B chunks)")
     share = 100 * writer_mbs / write_mbs
     print(f"run writer alone     {writer_mbs:8.1f} MB/s  = {share:.0f} % of bare")
+    ceiling = 100 * hash_mbs / write_mbs
+    print(f"sha256 alone         {hash_mbs:8.1f} MB/s  = {ceiling:.0f} % of bare: the writer's "
+          f"ceiling; writer = {100 * writer_mbs / hash_mbs:.0f} % of it")  # fmt: skip
     print(f"line rate {args.line_mbps:.0f} MB/s for {args.line_seconds:.0f} s, files in:")
     for text in line:
         print(f"  {text}")
