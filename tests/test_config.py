@@ -218,6 +218,8 @@ VARIANTS = [
     ("interface-not-here", replace('interfaces = ["127.0.0.1"]', 'interfaces = ["192.0.2.7"]'),
      "ioc.interfaces[0]", "not an address of this host"),
     ("ioc-name-path", replace('name = "sim"', 'name = "../sim"'), "ioc.name", "letters"),
+    ("readout-mode", replace("display_rate_hz = 10.0", 'display_rate_hz = 10.0\nreadout = "fork"'),
+     "ioc.readout", "must be one of ('process', 'thread')"),
     ("bridge-host-garbage", replace('host = "127.0.0.1"', 'host = "not a host!"'),
      "bridge.host", "neither an IP address nor a host name"),
     ("bridge-host-not-here", replace('host = "127.0.0.1"', 'host = "192.0.2.7"'),

@@ -41,6 +41,16 @@ def ioc(tmp_path, loopback):
         yield running_ioc
 
 
+@pytest.fixture(params=["process", "thread"])
+def ioc_either_readout(request, tmp_path, loopback):
+    """The IOC with its readout in a process per card (the default) or in a thread."""
+    prefix = new_prefix()
+    extra = f'readout = "{request.param}"'
+    config = ioc_toml(tmp_path, loopback, prefix, site_extra=SIGNALS, ioc_extra=extra)
+    with ioc_process(config, prefix, loopback) as running_ioc:
+        yield running_ioc
+
+
 def sim_knob(host: str, knob: str, value: object = None, site: int = 0) -> str:
     """Talk to the simulated card directly, as an engineer with nc would."""
     client = KnobClient("sim", host, site, 4220 + site, 5.0)
@@ -159,7 +169,8 @@ def test_waveform_monitor_sees_the_sine_at_the_display_rate(ioc):
     assert freq[int(np.argmax(spec))] == pytest.approx(1000, abs=2 * freq[1])
 
 
-def test_a_run_through_pvs_archives_exactly_what_the_card_sent(ioc):
+def test_a_run_through_pvs_archives_exactly_what_the_card_sent(ioc_either_readout):
+    ioc = ioc_either_readout
     assert put(ioc.pv("CLKDIV"), 1000) == 1  # 100 kHz
     wait_for(lambda: caget(ioc.pv("SAMPLE_RATE_RBV")) == 100_000, "100 kHz")
     assert put(ioc.pv("RUN:NAME"), "pv run") == 1

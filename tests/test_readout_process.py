@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from typing import Any
 
 import pytest
 from ioc_support import wait_for
@@ -58,6 +59,16 @@ def table_of(card: Card) -> SignalTable:
     return SignalTable(sites, card.sample_rate_hz(), seed=0)
 
 
+def signalled_under_a_run(readout: ReadoutProcess, signum: int) -> Any:
+    """A run with samples in its files, `signum` sent to the readout process, the run done."""
+    readout.start()
+    run = readout.start_run(RunSettings())
+    wait_for(lambda: run.status()["samples"] > 50_000, "samples in the run's files")
+    os.kill(readout.pid, signum)
+    assert run.wait(30), "the run never read done"
+    return run
+
+
 def streaming(readout: ReadoutProcess) -> bool:
     stats = readout.stats()
     return stats.state == "streaming" and stats.buffers > 2
@@ -98,11 +109,7 @@ def test_a_refused_run_comes_back_in_words_and_changes_nothing(setup):
 
 def test_a_readout_process_killed_under_a_run_faults_it_and_the_next_start_streams(setup):
     card, readout, catalog, states = setup
-    readout.start()
-    run = readout.start_run(RunSettings())
-    wait_for(lambda: run.status()["samples"] > 50_000, "samples in the run's files")
-    os.kill(readout.pid, signal.SIGKILL)
-    assert run.wait(30), "the run never read done"
+    run = signalled_under_a_run(readout, signal.SIGKILL)
     st = run.status()
     assert st["state"] == "FAULT" and "readout process ended" in st["fault"], st
     wait_for(lambda: states[-1:] == ["ended"], "the stream's end reported")
@@ -135,11 +142,7 @@ def test_closing_the_iocs_end_closes_the_run_with_every_sample_in_its_files(setu
 
 def test_sigterm_to_the_readout_process_alone_closes_its_run_complete(setup):
     card, readout, catalog, _ = setup
-    readout.start()
-    run = readout.start_run(RunSettings())
-    wait_for(lambda: run.status()["samples"] > 50_000, "samples in the run's files")
-    os.kill(readout.pid, signal.SIGTERM)
-    assert run.wait(30), "the run never read done"
+    run = signalled_under_a_run(readout, signal.SIGTERM)
     assert run.status()["state"] == "IDLE", run.status()
     rec = catalog.get_run(run.run_id)
     assert rec.state == "complete" and rec.samples == run.status()["samples"] > 0

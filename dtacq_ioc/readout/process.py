@@ -73,10 +73,6 @@ class RunView:
     def done(self) -> bool:
         return self._done.is_set()
 
-    @property
-    def active(self) -> bool:
-        return self._status.get("state") in ("STARTING", "RUNNING")
-
     def status(self) -> dict[str, Any]:
         return dict(self._status)
 
