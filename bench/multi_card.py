@@ -228,8 +228,8 @@ class SimCard:
     prefix: str
 
 
-def write_config(workdir: Path, n: int, bridge_port: int, readout: str = "process"
-                 ) -> tuple[Path, list[SimCard]]:  # fmt: skip
+def write_config(workdir: Path, n: int, bridge_port: int, readout: str = "process",
+                 queue_buffers: int = 64) -> tuple[Path, list[SimCard]]:  # fmt: skip
     tag = secrets.token_hex(2).upper()  # PV names of this run's own
     cards = [SimCard(f"C{i + 1}", random_loopback(), f"MC{tag}:C{i + 1}:") for i in range(n)]
     entries = "".join(
@@ -247,6 +247,7 @@ autosave_dir = "autosave"
 readout = "{readout}"
 [archive]
 data_dir = "data"
+writer_queue_buffers = {queue_buffers}
 [bridge]
 enabled = true
 host = "127.0.0.1"
@@ -371,11 +372,13 @@ class Row:
         return min(min(c.values()) for c in self.ws_hz)
 
     def slow(self) -> list[str]:
-        """Each client PV below the target rate, to tell a slow IOC from one lost PV."""
-        return [f"{kind} client {i + 1}: {name} {hz:.2f} Hz"
+        """Each client PV below the target rate, slowest first, to tell a slow IOC from
+        one lost PV."""
+        slow = [(hz, f"{kind} client {i + 1}: {name} {hz:.2f} Hz")
                 for kind, clients in (("CA", self.ca_hz), ("PVWS", self.ws_hz))
                 for i, rates in enumerate(clients)
                 for name, hz in rates.items() if hz < TARGET_HZ]  # fmt: skip
+        return [text for _, text in sorted(slow)]
 
     def total(self, key: str) -> int:
         return sum(getattr(c, key) for c in self.cards)
@@ -410,7 +413,7 @@ def measure_n(n: int, args: argparse.Namespace, base: Path) -> Row:
     workdir = base / f"n{n}"
     workdir.mkdir(parents=True, exist_ok=True)
     bridge_port = free_port()
-    config, cards = write_config(workdir, n, bridge_port, args.readout)
+    config, cards = write_config(workdir, n, bridge_port, args.readout, args.writer_queue)
     log = workdir / "ioc.log"
     with simulators(config, cards, workdir / "sim.log") as sim_pids:
         bare = measure_bare(cards, args, workdir)
@@ -620,6 +623,12 @@ def main() -> int:
         choices=["process", "thread"],
         default="process",
         help="where the IOC reads each card's stream ([ioc] readout)",
+    )
+    parser.add_argument(
+        "--writer-queue",
+        type=int,
+        default=64,
+        help="[archive] writer_queue_buffers (64, the default)",
     )
     parser.add_argument("--startup", action="store_true", help="time start-up instead")
     parser.add_argument("--startup-cards", type=int, default=8)
