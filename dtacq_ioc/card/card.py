@@ -12,16 +12,19 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dtacq_ioc.card import models
 from dtacq_ioc.card.errors import CardError, KnobError, SettingRefused
 from dtacq_ioc.card.knobs import KnobClient
 from dtacq_ioc.card.models import SPAD_SETTING, ModuleSpec
-from dtacq_ioc.card.ssh import SshClient
 from dtacq_ioc.card.stream import OnBuffer, OnEnd, StreamClient
 from dtacq_ioc.card.transient import OnLink, OnStatus, Transient
 from dtacq_ioc.config import CardConfig
 from dtacq_ioc.contract import StreamLayout
+
+if TYPE_CHECKING:  # paramiko is imported when SSH is used: a readout process never does
+    from dtacq_ioc.card.ssh import SshClient
 
 log = logging.getLogger(__name__)
 
@@ -474,6 +477,8 @@ class Card:
     # -- administration ---------------------------------------------------------------
 
     def ssh(self) -> SshClient:
+        from dtacq_ioc.card.ssh import SshClient  # see the TYPE_CHECKING import above
+
         return SshClient(self.config.host, self.config.ssh, card=self.name)
 
     def reboot(self) -> None:
