@@ -114,8 +114,10 @@ def test_a_readout_process_killed_under_a_run_faults_it_and_the_next_start_strea
     assert st["state"] == "FAULT" and "readout process ended" in st["fault"], st
     wait_for(lambda: states[-1:] == ["ended"], "the stream's end reported")
     assert "readout process ended" in readout.stats().reason
-    rec = catalog.get_run(run.run_id)  # closed by the IOC's end, with the files reported
+    # Closed by the IOC's end, with every file on disk, the one being written included.
+    rec = catalog.get_run(run.run_id)
     assert rec.state == "interrupted" and "readout process ended" in rec.fault
+    assert check_files_match_table(rec, table_of(card)) == rec.samples > 50_000
     # What the link does next: stop with the reason, then start again.
     readout.stop(reason="C1: link lost")
     readout.start()

@@ -34,6 +34,10 @@ class Catalog(Protocol):
 
     def get_run(self, run_id: str) -> RunRecord | None: ...
 
+    def recover_interrupted(
+        self, run_id: str | None = None, why: str = "process ended during the run"
+    ) -> list[RunRecord]: ...
+
     def close(self) -> None: ...
 
 
@@ -78,9 +82,11 @@ class CouchCatalog(SqliteCatalog):
         if wanted:
             self._spool(record)
 
-    def recover_interrupted(self) -> list[RunRecord]:
+    def recover_interrupted(
+        self, run_id: str | None = None, why: str = "process ended during the run"
+    ) -> list[RunRecord]:
         """As SqliteCatalog's, then spool what the interrupted runs had written."""
-        recovered = super().recover_interrupted()
+        recovered = super().recover_interrupted(run_id, why)
         for record in recovered:
             if self._prepare_upload(record):
                 super().run_finished(record)

@@ -174,8 +174,11 @@ class SqliteCatalog:
 
     # -- beyond the protocol ---------------------------------------------------------
 
-    def recover_interrupted(self) -> list[RunRecord]:
-        """Mark runs a killed process left 'running' as 'interrupted'; return them.
+    def recover_interrupted(
+        self, run_id: str | None = None, why: str = "process ended during the run"
+    ) -> list[RunRecord]:
+        """Mark runs a killed process left 'running' (all, or the one `run_id`) as
+        'interrupted', `why` in their fault; return them.
 
         Sizes and digests are taken from the files as they are on disk, since the
         writer never got to report them; a missing file is dropped from the record
@@ -183,6 +186,8 @@ class SqliteCatalog:
         """
         recovered = []
         for record in self._running():
+            if run_id is not None and record.run_id != run_id:
+                continue
             missing = [f.name for f in record.files if not Path(f.path).is_file()]
             record.files = [_rescan(f) for f in record.files if f.name not in missing]
             # Files opened after the last report are on disk only: the run's directory
@@ -201,7 +206,7 @@ class SqliteCatalog:
             record.bytes_written = sum(f.size for f in record.files)
             record.state = "interrupted"
             record.stopped = record.stopped or _last_change(record)
-            note = "process ended during the run"
+            note = why
             if missing:
                 note += f"; missing files: {', '.join(missing)}"
             record.fault = f"{record.fault}; {note}" if record.fault else note

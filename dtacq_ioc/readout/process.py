@@ -16,7 +16,6 @@ import mmap
 import multiprocessing
 import os
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -263,13 +262,9 @@ class ReadoutProcess:
 
     def _close_record(self, run_id: str, reason: str) -> None:
         """End the catalog's record of a run the process could not finish: interrupted,
-        with the files it had reported closed (the one open then is not in it)."""
+        with its files as they are on disk (the one it was writing included)."""
         try:
-            record = self.catalog.get_run(run_id)
-            if record is None or record.state != "running":
-                return
-            record.state, record.fault, record.stopped = "interrupted", reason, time.time()
-            self.catalog.run_finished(record)
+            self.catalog.recover_interrupted(run_id, why=reason)
         except Exception as exc:
             log.error("%s: run %s: cannot close its record: %s", self.name, run_id, exc)
 
