@@ -61,13 +61,15 @@ class Peer:
     def start(self) -> None:
         self._reader.start()
 
-    def call(self, method: str, *args: Any) -> Any:
-        """Call `method` at the other end and return its answer (its exception raised here)."""
+    def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
+        """Call `method` at the other end and return its answer (its exception raised here);
+        TimeoutError when `timeout` passes first (a late answer is then dropped)."""
         ident = next(self._ids)
         pending = self._pending[ident] = _Pending()
         try:
             self._send(("call", ident, method, args))
-            pending.done.wait()
+            if not pending.done.wait(timeout):
+                raise TimeoutError(f"{self.name}: no answer to {method} within {timeout} s")
         finally:
             self._pending.pop(ident, None)
         if pending.error is not None:

@@ -10,7 +10,6 @@ again if it ends; when it ends under a run, the run reads FAULT with the reason.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import mmap
 import multiprocessing
@@ -35,7 +34,8 @@ from dtacq_ioc.readout.worker import Attrs, DisplayInfo, RunSnapshot
 
 log = logging.getLogger(__name__)
 
-EXIT_WAIT_S = 15.0  # for the process to close its run and card after the pipe closes
+EXIT_WAIT_S = 15.0  # for the process to exit once told to
+CLOSE_WAIT_S = 45.0  # for its run to close: Readout.stop_run allows the run 30 s
 STOPPED = ReadoutStats("stopped", "", 0, 0, 0, 0, 0.0, 0.0)
 
 
@@ -157,8 +157,12 @@ class ReadoutProcess:
             self._peer = self._process = None
         if peer is None:
             return
-        with contextlib.suppress(PeerGone):
-            self._answer(peer.call("close", self.ext_clock_hz()))
+        try:  # a run closes first (its files fsynced, the catalog told): give it time
+            self._answer(peer.call("close", self.ext_clock_hz(), timeout=CLOSE_WAIT_S))
+        except PeerGone:
+            pass
+        except TimeoutError as exc:
+            log.error("%s", exc)
         peer.close()  # the process exits, and with it its end of the pipe
         process.join(EXIT_WAIT_S)
         if process.is_alive():
