@@ -189,6 +189,8 @@ def wait_refused(host: str, port: int, timeout: float = TIMEOUT) -> None:
                 pass
         except ConnectionRefusedError:
             return
+        except ConnectionResetError:
+            pass  # accepted into the backlog as the listener closed: going down, not yet down
         if time.monotonic() > deadline:
             raise TimeoutError(f"{host}:{port} still accepts after {timeout} s")
         time.sleep(0.02)
