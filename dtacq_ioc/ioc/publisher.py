@@ -46,10 +46,9 @@ class DerivedPV:
 
     suffix: str
     channel: int  # among the card's AI channels
-    kind: str  # one of DerivedPV.KINDS
+    kind: str  # raw, volts, spectrum, or a statistic: mean, min, max, rms
     narrow: bool = False  # raw codes of a 16-bit module in a 32-bit stream: sent as int16
 
-    KINDS = ("raw", "volts", "spectrum", "mean", "min", "max", "rms")
     _STATISTIC = {"mean": "mean", "min": "minimum", "max": "maximum", "rms": "rms"}
 
     def value(self, snap: Snapshot) -> Any:
@@ -174,15 +173,13 @@ class Publisher:
     async def publish_once(self) -> None:
         self._tap_run_buffers()
         ctx = self.ctx
-        connected = ctx.connected and self.link.state != "DISCONNECTED"
-        upd = Update(link_ok=connected)
+        upd = Update()
         frame = None
-        if connected and ctx.readout.display is not None:
+        if self._connected() and ctx.readout.display is not None:
             frame = await self._frame_values(upd)
         # The rest is read after the frame's wait and written first: a refusal's LAST_ERROR
         # or a put's readback published meanwhile is never undone by an older reading.
-        connected = ctx.connected and self.link.state != "DISCONNECTED"
-        upd.link_ok = connected
+        connected = upd.link_ok = self._connected()
         state = "RUNNING" if ctx.run_active() and connected else self.link.state
         frame_values, upd.values = upd.values, {}
         values = upd.values
@@ -208,6 +205,9 @@ class Publisher:
             timing.debug("frame %s stamped %.6f built %.6f", self.ctx.config.name,
                          upd.timestamp, time.time())  # fmt: skip
         await self._report_finished_run()
+
+    def _connected(self) -> bool:
+        return self.ctx.connected and self.link.state != "DISCONNECTED"
 
     def _stream_values(self, upd: Update, connected: bool) -> None:
         stats = self.ctx.readout.stats()

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -158,7 +159,7 @@ class ReadoutProcess:
         if peer is None:
             return
         try:  # a run closes first (its files fsynced, the catalog told): give it time
-            self._answer(peer.call("close", self.ext_clock_hz(), timeout=CLOSE_WAIT_S))
+            self._call_on(peer, "close", timeout=CLOSE_WAIT_S)
         except PeerGone:
             pass
         except TimeoutError as exc:
@@ -209,10 +210,13 @@ class ReadoutProcess:
         return peer if peer is not None and not peer.gone.is_set() else None
 
     def _call(self, method: str, *args: Any) -> Any:
-        return self._answer(self._ensure().call(method, self.ext_clock_hz(), *args))
+        return self._call_on(self._ensure(), method, *args)
 
-    def _answer(self, reply: tuple[Any, Attrs]) -> Any:
-        value, attrs = reply
+    def _call_on(self, peer: Peer, method: str, *args: Any, timeout: float | None = None) -> Any:
+        """Every call carries the IOC's front-panel clock first and is answered with the
+        process's `Attrs`, which we keep."""
+        value, attrs = peer.call(method, self.ext_clock_hz(), *args, timeout=timeout)
+        assert isinstance(attrs, Attrs)
         self.channel_map, self.sample_rate_hz = attrs.channel_map, attrs.sample_rate_hz
         return value
 
@@ -258,8 +262,8 @@ class ReadoutProcess:
             self._close_record(run.run_id, reason)
             call_guarded(self.on_run, run, what=f"{self.name}: run state")
         was_streaming = self._stats.state == "streaming"
-        self._stats = ReadoutStats("ended" if was_streaming else "stopped", reason,
-                                   0, 0, 0, 0, 0.0, 0.0)  # fmt: skip
+        self._stats = replace(STOPPED, state="ended" if was_streaming else "stopped",
+                              reason=reason)  # fmt: skip
         if was_streaming:
             call_guarded(self.on_alarm, reason, what=f"{self.name}: alarm")
         call_guarded(self.on_state, self._stats, what=f"{self.name}: stream state")
@@ -283,7 +287,7 @@ class ReadoutProcess:
     def _stop_run_now(self) -> None:
         peer = self._live()
         if peer is not None:
-            self._answer(peer.call("run_stop", self.ext_clock_hz()))
+            self._call_on(peer, "run_stop")
 
     def _on_note(self, kind: str, payload: Any) -> None:
         if kind == "tick":
