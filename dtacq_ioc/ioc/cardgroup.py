@@ -9,6 +9,7 @@ controller produces, so the card's threads never touch a PV.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 from functools import partial
@@ -405,10 +406,15 @@ class _Unbound:
         return self._refuse
 
 
+def unbound_handlers() -> Handlers:
+    """Handlers of a group that serves no card: every put refused."""
+    unbound = _Unbound()
+    return Handlers(unbound, unbound, unbound, unbound, unbound)
+
+
 def served_suffixes(card: CardConfig, ioc: IocConfig) -> frozenset[str]:
     """The PV names (relative to the card's prefix) that the IOC serves for this card."""
-    unbound = _Unbound()
-    cls = build_group_class(card, ioc, Handlers(unbound, unbound, unbound, unbound, unbound))
+    cls = build_group_class(card, ioc, unbound_handlers())
     return frozenset(prop.pvspec.name for prop in cls._pvs_.values())
 
 
@@ -430,6 +436,10 @@ class CardPVs:
         self.pvdb = self.group.pvdb
         self._last: dict[str, Any] = {}
         self._link_ok: bool | None = None
+        # One update at a time, in the order they came: caproto's write awaits before it
+        # stores, so two interleaved updates could leave an older value in a PV (and in
+        # _last the newer one, which then hides every later write of it).
+        self._order = asyncio.Lock()
 
     def pv(self, suffix: str) -> Any:
         return self.pvdb[self.config.prefix + suffix]
@@ -446,6 +456,10 @@ class CardPVs:
 
     async def publish(self, update: Update) -> None:
         """Write changed values; arrays are always new when given."""
+        async with self._order:
+            await self._write(update)
+
+    async def _write(self, update: Update) -> None:
         if update.link_ok is not None and update.link_ok != self._link_ok:
             self._link_ok = update.link_ok
             alarm = self.group.alarms[LINK]
