@@ -9,7 +9,6 @@ document when the run starts, each file as it closes, our final fields at the en
 from __future__ import annotations
 
 import logging
-from typing import Protocol, runtime_checkable
 
 from dtacq_ioc.archive.couchdb import run_doc_id
 from dtacq_ioc.archive.records import RunFile, RunRecord
@@ -18,27 +17,6 @@ from dtacq_ioc.archive.sqlite import CATALOG_FILE, SqliteCatalog
 from dtacq_ioc.config import ArchiveConfig
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class Catalog(Protocol):
-    """Methods may be called from any thread (the run writer calls from its own)."""
-
-    def run_started(self, record: RunRecord) -> None: ...
-
-    def run_updated(self, record: RunRecord) -> None: ...
-
-    def run_finished(self, record: RunRecord) -> None: ...
-
-    def list_runs(self, limit: int = 50, card: str | None = None) -> list[RunRecord]: ...
-
-    def get_run(self, run_id: str) -> RunRecord | None: ...
-
-    def recover_interrupted(
-        self, run_id: str | None = None, why: str = "process ended during the run"
-    ) -> list[RunRecord]: ...
-
-    def close(self) -> None: ...
 
 
 class CouchCatalog(SqliteCatalog):

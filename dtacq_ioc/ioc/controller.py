@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dtacq_ioc.archive.catalog import Catalog
+from dtacq_ioc.archive.protocol import Catalog
 from dtacq_ioc.card.card import Card
 from dtacq_ioc.config import ArchiveConfig, CardConfig, IocConfig
 from dtacq_ioc.ioc import pvs

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from caproto import AlarmSeverity, AlarmStatus
 
-from dtacq_ioc.archive.catalog import Catalog
+from dtacq_ioc.archive.protocol import Catalog
 from dtacq_ioc.contract import NO_YES
 from dtacq_ioc.ioc.cardgroup import CardPVs, SiteLayout, Update
 from dtacq_ioc.ioc.context import CardContext

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dtacq_ioc.archive.catalog import Catalog
+from dtacq_ioc.archive.protocol import Catalog
 from dtacq_ioc.card.errors import CardError
 from dtacq_ioc.card.transient import (
     ShotData,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from caproto import AlarmSeverity, AlarmStatus, ChannelType
 
 from dtacq_ioc import __version__
-from dtacq_ioc.archive.catalog import Catalog
+from dtacq_ioc.archive.protocol import Catalog
 from dtacq_ioc.config import Config
 from dtacq_ioc.ioc import pvs
 

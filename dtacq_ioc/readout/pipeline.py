@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dtacq_ioc.archive.catalog import Catalog
 from dtacq_ioc.archive.dig import Opener
+from dtacq_ioc.archive.protocol import Catalog
 from dtacq_ioc.card.stream import StreamClient
 from dtacq_ioc.config import ArchiveConfig, IocConfig
 from dtacq_ioc.contract import StreamLayout

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dtacq_ioc.archive.catalog import Catalog
+from dtacq_ioc.archive.protocol import Catalog
 from dtacq_ioc.archive.records import RunFile, RunRecord
 from dtacq_ioc.config import ArchiveConfig, CardConfig, IocConfig
 from dtacq_ioc.readout import worker

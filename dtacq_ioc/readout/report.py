@@ -9,7 +9,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from dtacq_ioc.archive.catalog import Catalog
+from dtacq_ioc.archive.protocol import Catalog
 from dtacq_ioc.archive.records import RunFile, RunRecord
 
 log = logging.getLogger(__name__)

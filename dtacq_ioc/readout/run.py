@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from dtacq_ioc.archive.catalog import Catalog
 from dtacq_ioc.archive.dig import (
     LEGACY_FIELDS,
     Opener,
@@ -34,6 +33,7 @@ from dtacq_ioc.archive.dig import (
     header_date,
     safe_path,
 )
+from dtacq_ioc.archive.protocol import Catalog
 from dtacq_ioc.archive.records import RunFile, RunRecord
 from dtacq_ioc.readout.guarded import call_guarded
 from dtacq_ioc.readout.integrity import Gap

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from dtacq_ioc.archive.catalog import Catalog
 from dtacq_ioc.archive.dig import DigWriter, Opener, dig_name, file_date, safe_path
+from dtacq_ioc.archive.protocol import Catalog
 from dtacq_ioc.archive.records import RunFile, RunRecord
 from dtacq_ioc.card.transient import ShotData
 from dtacq_ioc.readout.report import tell_catalog
