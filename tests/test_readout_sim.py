@@ -95,6 +95,8 @@ def test_a_run_writes_exactly_what_the_card_sent(setup):
 def test_not_ready_when_the_stream_reopens_ends_the_run(setup):
     _, card, readout, catalog, _ = setup
     readout.start()
+    # the first stream up before the card turns NOT READY: only the run's reopen meets it
+    wait_for(lambda: readout.stats().buffers > 0, "the first stream's buffers")
     card.knob(0).set("SIM:NOT_READY", 1)
     run = readout.start_run(RunSettings(buffer_bytes=40 * 1000))  # reopens the stream
     wait_state(run)
