@@ -51,17 +51,14 @@ class Axes:
 class Snapshot:
     """The latest samples of every channel; statistics per channel, in volts.
 
-    `raw` is a new array each snapshot (PVs keep references to its rows). `volts` and
-    `spectrum` are computed when first asked for and then kept with the snapshot; two
-    threads asking at once may both compute them, with the same result.
+    `raw` is a new array each snapshot (PVs keep references to its rows). The
+    statistics, `volts` and `spectrum` are computed when first asked for (nobody may
+    watch them) and then kept with the snapshot; two threads asking at once may both
+    compute them, with the same result.
     """
 
     raw: np.ndarray  # (channels, samples) ADC codes (bit shift applied), oldest first
     volts_per_code: np.ndarray  # per channel
-    minimum: np.ndarray
-    maximum: np.ndarray
-    mean: np.ndarray
-    rms: np.ndarray
     axes: Axes
     sample_rate_hz: float
     updates: int  # buffers seen so far
@@ -77,6 +74,29 @@ class Snapshot:
     @property
     def timebase_s(self) -> np.ndarray:
         return self.axes.timebase_s
+
+    @property
+    def minimum(self) -> np.ndarray:
+        return self._statistics()[0]
+
+    @property
+    def maximum(self) -> np.ndarray:
+        return self._statistics()[1]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self._statistics()[2]
+
+    @property
+    def rms(self) -> np.ndarray:
+        return self._statistics()[3]
+
+    def _statistics(self) -> tuple[np.ndarray, ...]:
+        """Per channel minimum, maximum, mean and RMS, all four in one pass over raw."""
+        key = ("statistics", -1)
+        if key not in self._derived:
+            self._derived[key] = np.stack(code_statistics(self.raw, self.volts_per_code))
+        return tuple(self._derived[key])
 
     @property
     def freq_hz(self) -> np.ndarray:
@@ -208,14 +228,9 @@ class DisplayStage:
             rate = float(self._mem.scale[-1])
             updates = int(meta[_UPDATES])
             counter = int(meta[_COUNTER])
-        minimum, maximum, mean, rms = code_statistics(raw, vpc)
         return Snapshot(
             raw=raw,
             volts_per_code=vpc,
-            minimum=minimum,
-            maximum=maximum,
-            mean=mean,
-            rms=rms,
             axes=self._axes_for(raw.shape[-1], rate),
             sample_rate_hz=rate,
             updates=updates,
