@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from test_faults import small_disk
 
-from dtacq_ioc.archive.catalog import Catalog, CouchCatalog, open_catalog
+from dtacq_ioc.archive.catalog import CouchCatalog, open_catalog
 from dtacq_ioc.archive.dig import DigWriter, dig_name, read_run
+from dtacq_ioc.archive.protocol import Catalog
 from dtacq_ioc.archive.records import RunFile, RunRecord, sha256_of
 from dtacq_ioc.archive.sqlite import CATALOG_FILE, RESERVE_BYTES, SqliteCatalog
 from dtacq_ioc.config import ArchiveConfig
