@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -77,26 +78,24 @@ class Snapshot:
 
     @property
     def minimum(self) -> np.ndarray:
-        return self._statistics()[0]
+        return self._statistics[0]
 
     @property
     def maximum(self) -> np.ndarray:
-        return self._statistics()[1]
+        return self._statistics[1]
 
     @property
     def mean(self) -> np.ndarray:
-        return self._statistics()[2]
+        return self._statistics[2]
 
     @property
     def rms(self) -> np.ndarray:
-        return self._statistics()[3]
+        return self._statistics[3]
 
-    def _statistics(self) -> tuple[np.ndarray, ...]:
+    @cached_property
+    def _statistics(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per channel minimum, maximum, mean and RMS, all four in one pass over raw."""
-        key = ("statistics", -1)
-        if key not in self._derived:
-            self._derived[key] = np.stack(code_statistics(self.raw, self.volts_per_code))
-        return tuple(self._derived[key])
+        return code_statistics(self.raw, self.volts_per_code)
 
     @property
     def freq_hz(self) -> np.ndarray:
