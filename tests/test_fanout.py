@@ -161,7 +161,13 @@ CHECKING_CLIENT = textwrap.dedent(
     names = [f"{sys.argv[1]}1:AI:WF:{i:02d}" for i in range(1, 17)]
     whole = set()  # PVs past the start: their zeros from before the stream, then frames
     # that grow while the display fills its first 100 000 samples
+    updated = set()
+    def connected(pvname=None, conn=None, **kw):
+        print(f"{'connected' if conn else 'disconnected'} {pvname}", flush=True)
     def seen(pvname=None, value=None, **kw):
+        if pvname not in updated:
+            updated.add(pvname)
+            print(f"first {pvname} len {len(value)}", flush=True)
         # Channel 1 plays a 1 kHz sine at 1 MHz: a whole array of it repeats every 1000
         # samples, so bytes of another message in it would show. Once a PV has had one
         # full frame of the stream, every array is whole.
@@ -175,7 +181,8 @@ CHECKING_CLIENT = textwrap.dedent(
                 abs(value[1000:2000].astype(int) - value[:1000]).max() < 50
         what = "" if good else f" len {len(value)} max {value.max() if len(value) else '-'}"
         print(f"{'ok' if good else 'bad'} {pvname}{what}", flush=True)
-    pvs = [epics.PV(n, auto_monitor=True, callback=seen) for n in names]
+    pvs = [epics.PV(n, auto_monitor=True, callback=seen, connection_callback=connected)
+           for n in names]
     sys.stdin.read()  # until the test closes stdin
     """
 )
@@ -189,27 +196,39 @@ def test_several_clients_of_big_frames_each_get_every_array_intact(big_ioc):
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                 env=dict(os.environ))
                for _ in range(3)]  # fmt: skip
-    seen = [{"ok": 0, "bad": 0} for _ in clients]
-    names: list[set[str]] = [set() for _ in clients]
-    bad: list[str] = []  # the first bad arrays, as the clients described them
+    ok: list[dict[str, int]] = [{} for _ in clients]  # whole arrays per PV, per client
+    history: list[dict[str, list[str]]] = [{} for _ in clients]  # connections, first update
+    bad: list[str] = []  # the bad arrays, as the clients described them
+    started = time.monotonic()
 
     def read(i: int) -> None:
         for line in clients[i].stdout:
             verdict, _, rest = line.strip().partition(" ")
-            name = rest.split(" ")[0]
-            if verdict in seen[i]:
-                seen[i][verdict] += 1
-                names[i].add(name)
-            if verdict == "bad" and len(bad) < 5:
+            name = rest.split(" ")[0].removeprefix(big_ioc.prefix)
+            if verdict == "ok":
+                ok[i][name] = ok[i].get(name, 0) + 1
+            elif verdict == "bad":
                 bad.append(f"client {i}: {rest}")
+            else:
+                at = time.monotonic() - started
+                history[i].setdefault(name, []).append(f"{verdict} at {at:.1f} s")
+
+    def every_pv_had_20_frames() -> bool:
+        return all(len(counts) == 16 and min(counts.values()) >= 20 for counts in ok)
 
     for i in range(len(clients)):
         threading.Thread(target=read, args=(i,), daemon=True).start()
     try:
-        wait_for(lambda: min(s["ok"] for s in seen) >= 16 * 20, "20 frames at every client",
-                 timeout=90)  # fmt: skip
-        assert all(s["bad"] == 0 for s in seen), (seen, bad)
-        assert all(len(n) == 16 for n in names), [len(n) for n in names]
+        try:
+            wait_for(lambda: bad or every_pv_had_20_frames(), "20 whole frames of every PV",
+                     timeout=90)  # fmt: skip
+        except TimeoutError:
+            short = {f"client {i} {name}": (counts.get(name, 0), history[i].get(name, []))
+                     for i, counts in enumerate(ok)
+                     for name in (f"1:AI:WF:{n:02d}" for n in range(1, 17))
+                     if counts.get(name, 0) < 20}  # fmt: skip
+            pytest.fail(f"PVs short of 20 whole frames (count, events): {short}")
+        assert not bad, bad[:5]
     finally:
         for client in clients:
             client.stdin.close()
