@@ -19,6 +19,8 @@ What the server here does differently from caproto's own:
 - A refused put is answered with the refusal's words and logged in one line, at most
   once per client, PV and reason every `REFUSAL_LOG_INTERVAL_S`; caproto logs a
   traceback and sends the exception's class name.
+- A subscription gets only the events its mask asks for (`wanted`), and its first
+  update; caproto sends every update to every subscription.
 """
 
 from __future__ import annotations
@@ -323,12 +325,25 @@ def _filtered_count(command: Any, response: Any, context: Any) -> Any:
     )
 
 
+def wanted(mask: int, flags: int) -> bool:
+    """Whether a subscription with `mask` takes an update posted with event bits `flags`.
+
+    No bits: a subscription's first update (always sent), or a PV that does not work
+    out its events (a record field's channel), sent to all as caproto does."""
+    return not flags or bool(mask & flags)
+
+
 class _Context(_AsyncioContext):  # type: ignore[misc]  # caproto is untyped
     CircuitClass = _Circuit
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.refusals = RefusalLog()
+
+    async def _subscription_queue_send(self, sub_spec: Any, sub: Any, metadata: Any, values: Any,
+                                       flags: int) -> None:  # fmt: skip
+        if wanted(sub.mask, flags):
+            await super()._subscription_queue_send(sub_spec, sub, metadata, values, flags)
 
 
 def make_server(pvdb: dict[str, Any], interfaces: list[str]) -> Any:

@@ -39,6 +39,7 @@ from dtacq_ioc.caproto_adapter import (
     read_for_subscription,
     send_by_caproto,
     subscription_queues,
+    wanted,
 )
 
 log = logging.getLogger(__name__)
@@ -306,6 +307,8 @@ class FanoutArray:
             context = contexts[queue]
             for specs in syncs.get(None, {}).values():
                 for spec in tuple(specs):
+                    if not wanted(spec.mask, flags):
+                        continue
                     for sub in tuple(context.subscriptions.get(spec, ())):
                         await self._send_one(fanout, context, spec, sub, flags, messages)
 

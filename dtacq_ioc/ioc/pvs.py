@@ -27,6 +27,7 @@ from caproto.server.server import pvspec_type_map, pvspec_type_map_read_only
 
 from dtacq_ioc.caproto_adapter import WriteTracker
 from dtacq_ioc.contract import ACTION
+from dtacq_ioc.ioc.events import PostedEvents
 from dtacq_ioc.ioc.fanout import Fanout, FanoutArray
 from dtacq_ioc.ioc.fields import RecordFields
 
@@ -110,12 +111,14 @@ class _Checked(WriteTracker):
             message = f"{self.pvname}: the value cannot be taken ({_first_line(exc)})"
             await self._refused(message)
             raise PutRefused(message) from None
-        await self._clear_write_alarm()
         return result
 
     async def verify_value(self, value: Any) -> Any:
         _check_value(self, value)
-        return await super().verify_value(value)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
+        # caproto's verify_value runs the putter: past it, the put is carried out.
+        applied = await super().verify_value(value)  # type: ignore[misc]  # mixin: caproto's class is later in the MRO
+        await self._clear_write_alarm()
+        return applied
 
     async def _refused(self, message: str) -> None:
         """The written PV alone goes WRITE/MAJOR (as caproto marks a refusal it makes)."""
@@ -126,9 +129,12 @@ class _Checked(WriteTracker):
             await sink(message)
 
     async def _clear_write_alarm(self) -> None:
+        """A put was taken: an earlier refusal's alarm clears with the new value's update
+        (caproto publishes it next), as a record posts value and alarm together."""
         alarm = self.alarm  # type: ignore[attr-defined]  # caproto's ChannelAlarm
         if alarm.status == AlarmStatus.WRITE:
-            await alarm.write(status=AlarmStatus.NO_ALARM, severity=AlarmSeverity.NO_ALARM)
+            await alarm.write(status=AlarmStatus.NO_ALARM, severity=AlarmSeverity.NO_ALARM,
+                              publish=False)  # fmt: skip
 
 
 _TEXT_TYPES = (ChannelType.STRING, ChannelType.CHAR)
@@ -242,7 +248,8 @@ def _array_class(dtype: ChannelType, derived: bool, big: bool) -> type:
     """The read-only class of a waveform PV: watched, derived when asked, and sent to
     its monitors by the group's Fanout when big."""
     base = pvspec_type_map_read_only[dtype]
-    mixins = (RecordFields,) + (_Derived,) * derived + (_Watched,) + (FanoutArray,) * big
+    mixins = ((PostedEvents, RecordFields) + (_Derived,) * derived + (_Watched,)
+              + (FanoutArray,) * big)  # fmt: skip
     name = f"Array{'Derived' * derived}{'Big' * big}{base.__name__}"
     return type(name, (*mixins, base), {})
 
@@ -251,11 +258,12 @@ def _array_class(dtype: ChannelType, derived: bool, big: bool) -> type:
 def _derived_number_class() -> type:
     """The read-only class of a number computed from the latest frame when wanted."""
     base = pvspec_type_map_read_only[ChannelType.DOUBLE]
-    return type(f"Derived{base.__name__}", (RecordFields, _Derived, _Watched, base), {})
+    return type(f"Derived{base.__name__}",
+                (PostedEvents, RecordFields, _Derived, _Watched, base), {})  # fmt: skip
 
 
 def _writable(cls: type) -> type:
-    return type(f"Checked{cls.__name__}", (RecordFields, _Checked, _Watched, cls), {})
+    return type(f"Checked{cls.__name__}", (PostedEvents, RecordFields, _Checked, _Watched, cls), {})
 
 
 class CheckedGroup(PVGroup):  # type: ignore[misc]  # caproto is untyped
@@ -268,7 +276,7 @@ class CheckedGroup(PVGroup):  # type: ignore[misc]  # caproto is untyped
     fanout: Fanout | None = None  # sends big arrays to plain monitors (set by the IOC)
     type_map = {dtype: _writable(cls) for dtype, cls in pvspec_type_map.items()}
     type_map_read_only = {
-        dtype: type(f"Watched{cls.__name__}", (RecordFields, _Watched, cls), {})
+        dtype: type(f"Watched{cls.__name__}", (PostedEvents, RecordFields, _Watched, cls), {})
         for dtype, cls in pvspec_type_map_read_only.items()
     }
 
