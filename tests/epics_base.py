@@ -19,8 +19,9 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -397,6 +398,48 @@ def soft_ioc(base: EpicsBase, db_text: str, directory: Path, probe: str) -> Iter
         yield endpoint
     finally:
         stop_process(proc)
+
+
+class Camonitor:
+    """`camonitor OPTIONS NAME` running: the lines it printed, as they come."""
+
+    def __init__(self, endpoint: CaEndpoint, name: str, *options: str):
+        self.name = name
+        self.lines: list[str] = []
+        self._proc = subprocess.Popen(
+            [str(endpoint.base.tool("camonitor")), *options, name], env=endpoint.env(),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def updates(self) -> list[tuple[str, str]]:
+        """(value, alarm) of each update printed: the words after the time stamp."""
+        out = []
+        for line in list(self.lines):
+            words = line.split()
+            if words[:1] == [self.name] and len(words) >= 4:
+                out.append((words[3], " ".join(words[4:])))
+        return out
+
+    def wait_for(self, predicate: Callable[[list[tuple[str, str]]], bool], what: str,
+                 timeout: float = 30.0) -> None:  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while not predicate(self.updates()):
+            if time.monotonic() > deadline or self._proc.poll() is not None:
+                raise AssertionError(f"camonitor {self.name}: {what}; it printed:\n"
+                                     + "\n".join(self.lines[-20:]))  # fmt: skip
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        stop_process(self._proc)
+        self._reader.join(5)
 
 
 # --- the IOC under test ---

@@ -30,6 +30,7 @@ from epics_base import (
     RECORD_FIELDS,
     REQUESTS,
     CaEndpoint,
+    Camonitor,
     Channel,
     EpicsBase,
     Mirror,
@@ -365,6 +366,109 @@ def test_camonitor_of_every_pv_gets_a_first_update_of_each(rig, options):
     assert "Internal Failure" not in text, text[-2000:]
     missing = set(rig.ioc.names) - seen
     assert not missing, f"no update of {sorted(missing)[:10]}:\n{text[-1500:]}"
+
+
+# --- monitor masks ---
+
+# softIoc's records for the same events: a value that changes at every scan, and an ao
+# whose alarm a put to HIHI (pp: it processes the record) changes without its value.
+MASK_DB = """
+record(calc, "{p}TICK") {{
+    field(SCAN, ".1 second")
+    field(INPA, "{p}TICK")
+    field(CALC, "A+1")
+}}
+record(ao, "{p}LEVEL") {{
+    field(VAL, "100")
+    field(PINI, "YES")
+    field(HIHI, "1000")
+    field(HHSV, "MAJOR")
+}}
+"""
+
+
+@contextlib.contextmanager
+def monitors(endpoint: CaEndpoint, name: str, *masks: str) -> Iterator[dict[str, Camonitor]]:
+    """`camonitor -m MASK NAME` for each mask, each past its first update."""
+    started = {m: Camonitor(endpoint, name, "-m", m) for m in masks}
+    try:
+        for mon in started.values():
+            mon.wait_for(lambda u: len(u) >= 1, "no first update")
+        yield started
+    finally:
+        for mon in started.values():
+            mon.stop()
+
+
+def ticking_problems(endpoint: CaEndpoint, name: str) -> list[str]:
+    """A value that changes at every update: -m a and -m p get their first update only,
+    while -m v (started after them) gets eight."""
+    with monitors(endpoint, name, "a", "p") as quiet, monitors(endpoint, name, "v") as loud:
+        loud["v"].wait_for(lambda u: len(u) >= 8, "fewer than 8 value updates")
+    return [f"camonitor -m {m} {name} printed {len(mon.updates())} updates, not only its "
+            f"first:\n" + "\n".join(mon.lines[:5])
+            for m, mon in quiet.items() if len(mon.updates()) != 1]  # fmt: skip
+
+
+def alarm_problems(endpoint: CaEndpoint, name: str, puts: list[tuple[str, str]],
+                   values: list[str]) -> list[str]:  # fmt: skip
+    """Four puts, as (PV, value): an alarm alone, a new value that clears it, a new value
+    alone, then an alarm alone again; `values` are the PV's value after each. -m a must
+    print the alarm changes only (the value that cleared the alarm with it), -m v the
+    value changes only, each with the alarm it has then."""
+    with monitors(endpoint, name, "a", "v") as mon:
+        first = mon["v"].updates()[0][0]
+        for target, value in puts:
+            result = endpoint.caput(target, value)
+            assert_sound(result)
+        mon["a"].wait_for(lambda u: len(u) >= 4 and u[-1][0] == values[3] and u[-1][1],
+                          f"no alarm at {values[3]} after the last put")  # fmt: skip
+        mon["v"].wait_for(lambda u: len(u) >= 3 and u[-1][0] == values[2],
+                          f"no update of {values[2]}")  # fmt: skip
+        alarms = [(v, bool(a)) for v, a in mon["a"].updates()]
+        changes = [(v, bool(a)) for v, a in mon["v"].updates()]
+    problems = []
+    want = [(first, False), (first, True), (values[1], False), (values[3], True)]
+    if alarms != want:
+        problems.append(f"-m a of {name}: (value, alarmed) {alarms}, not {want}")
+    want = [(first, False), (values[1], False), (values[2], False)]
+    if changes != want:
+        problems.append(f"-m v of {name}: (value, alarmed) {changes}, not {want}")
+    return problems
+
+
+def test_monitors_get_only_the_events_their_mask_asks_for(rig, tmp_path):
+    """camonitor -m a / -m v / -m p against softIoc: a subscription gets its first update
+    and then only value changes (DBE_VALUE), alarm changes (DBE_ALARM) or property
+    changes (DBE_PROPERTY), as its mask asks."""
+    p = f"M{secrets.token_hex(2).upper()}:"
+    names = rig.card_names()
+    clkdiv = names["CLKDIV"]
+    start = rig.ioc.endpoint.value(clkdiv)
+    _, hi = ctrl_limits(rig, [clkdiv])[clkdiv]
+    bad = repr(hi + 1.0)  # refused: CLKDIV goes WRITE/MAJOR, its value unchanged
+    step = 1 if int(start) + 2 <= hi else -1  # near the rate it had: the cards keep up
+    good = [str(int(start) + step), str(int(start) + 2 * step)]
+    with soft_ioc(rig.base, MASK_DB.format(p=p), tmp_path, f"{p}LEVEL") as ref:
+        problems = ticking_problems(ref, f"{p}TICK")
+        problems += alarm_problems(
+            ref, f"{p}LEVEL",
+            [(f"{p}LEVEL.HIHI", "50"), (f"{p}LEVEL", "20"), (f"{p}LEVEL", "30"),
+             (f"{p}LEVEL.HIHI", "25")],
+            ["100", "20", "30", "30"],
+        )  # fmt: skip
+        assert not problems, "softIoc itself: " + report(problems)
+    try:
+        problems = ticking_problems(rig.ioc.endpoint, names["1:AI:WF:01"])
+        problems += ticking_problems(rig.ioc.endpoint, names["1:AI:CH:01:RMS"])
+        problems += alarm_problems(
+            rig.ioc.endpoint, clkdiv,
+            [(clkdiv, bad), (clkdiv, good[0]), (clkdiv, good[1]), (clkdiv, bad)],
+            [start, good[0], good[1], good[1]],
+        )  # fmt: skip
+    finally:
+        assert rig.ioc.endpoint.caput(clkdiv, start).returncode == 0
+    assert not problems, report(problems)
 
 
 # --- channel filters ---

@@ -467,18 +467,24 @@ class CardPVs:
                 await alarm.write(status=AlarmStatus.NO_ALARM, severity=AlarmSeverity.NO_ALARM)
             else:
                 await alarm.write(status=AlarmStatus.COMM, severity=AlarmSeverity.INVALID_ALARM)
+        changed = {}
         for suffix, value in update.values.items():
             is_array = isinstance(value, np.ndarray)
             if not is_array and self._last.get(suffix, _MISSING) == value:
                 continue
             self._last[suffix] = None if is_array else value
-            await self.pv(suffix).write(value, verify_value=False, timestamp=update.timestamp)
+            changed[suffix] = value
         for suffix, (status, severity) in update.alarms.items():
             key = suffix + ".alarm"
             if self._last.get(key) == (status, severity):
                 continue
             self._last[key] = (status, severity)
-            await self.pv(suffix).write_metadata(status=status, severity=severity)
+            # A PV with a new value too posts both in one update, as a record does; an
+            # alarm alone posts DBE_ALARM (the alarm's own write, not DBE_PROPERTY).
+            await self.pv(suffix).alarm.write(status=status, severity=severity,
+                                              publish=suffix not in changed)  # fmt: skip
+        for suffix, value in changed.items():
+            await self.pv(suffix).write(value, verify_value=False, timestamp=update.timestamp)
 
 
 _MISSING = object()

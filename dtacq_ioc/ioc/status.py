@@ -180,7 +180,7 @@ class IocStatus:
         alarm = _OK if connected == len(self.controllers) else _MINOR
         if alarm != self._alarm:
             self._alarm = alarm
-            await self.pv("CARDS_CONNECTED").write_metadata(status=alarm[0], severity=alarm[1])
+            await self.pv("CARDS_CONNECTED").alarm.write(status=alarm[0], severity=alarm[1])
         await self._delivery_alarm()
         self._notify_status(connected, spooled)
 
@@ -192,7 +192,7 @@ class IocStatus:
             return
         self._delivery = text
         alarm = _MAJOR if text else _OK
-        await self.pv("RUNS_SPOOLED").write_metadata(status=alarm[0], severity=alarm[1])
+        await self.pv("RUNS_SPOOLED").alarm.write(status=alarm[0], severity=alarm[1])
         if text:
             log.error("%s", text)  # the newest error: LAST_ERROR shows it
 
