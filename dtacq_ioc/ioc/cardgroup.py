@@ -471,6 +471,10 @@ class CardPVs:
         for suffix, value in update.values.items():
             is_array = isinstance(value, np.ndarray)
             if not is_array and self._last.get(suffix, _MISSING) == value:
+                if update.timestamp is not None:
+                    # As a record processed again: its time advances, no monitor is posted.
+                    await self.pv(suffix).write_metadata(timestamp=update.timestamp,
+                                                         publish=False)  # fmt: skip
                 continue
             self._last[suffix] = None if is_array else value
             changed[suffix] = value
