@@ -35,6 +35,11 @@ from typing import Any
 
 import caproto
 import caproto as ca
+import numpy as np
+from caproto._backend import backend as _backend
+from caproto._commands import pad_buffers as _pad_buffers
+from caproto._commands import parse_metadata as _parse_metadata
+from caproto._headers import EventAddResponseHeader as _EventAddResponseHeader
 from caproto.asyncio.server import Context as _AsyncioContext
 from caproto.asyncio.server import VirtualCircuit as _AsyncioCircuit
 
@@ -59,6 +64,10 @@ PRIVATE_INSTANCE_NAMES: dict[str, tuple[str, ...]] = {
     "pv": ("_queues", "_content"),
 }
 
+# The dtype of each native type's values on the wire (big-endian), as caproto's read makes them.
+_WIRE_DTYPES: dict[Any, np.dtype] = {
+    t: np.dtype(d) for t, d in _backend.type_map.items() if np.dtype(d).kind in "iuf"
+}
 ReadConversionErrors = (ca.CaprotoConversionError, ValueError, TypeError, OverflowError)
 STRING = ca.ChannelType.STRING
 # EPICS base: a text that is no number reads as enum index 0 for these (not DBR_CTRL_ENUM).
@@ -128,6 +137,21 @@ async def read_for_subscription(pv: Any, data_type: Any) -> tuple[Any, Any]:
     """(metadata, values) as caproto sends them to a subscription of `data_type`."""
     reading: tuple[Any, Any] = await pv._read(data_type)
     return reading
+
+
+def event_add_parts(values: Any, metadata: Any, data_type: Any, count: int) -> tuple[Any, ...]:
+    """An EventAddResponse (subscription id 0) as caproto builds it: header, metadata, data
+    and padding. Values that are already in the wire's form (what caproto's read makes: a
+    contiguous big-endian array of the type's own dtype) are taken as they are; caproto's
+    constructor would copy the array once more, 3.2 MB a frame for 16 waveforms."""
+    wire = _WIRE_DTYPES.get(ca.native_type(data_type))
+    if not (isinstance(values, np.ndarray) and values.dtype == wire and values.flags.c_contiguous):
+        cmd = ca.EventAddResponse(values, data_type, count, 1, 0, metadata=metadata)
+        return (cmd.header, *cmd.buffers)
+    md = _parse_metadata(metadata, data_type)
+    size, pad = _pad_buffers(md, values)
+    header = _EventAddResponseHeader(size, data_type, count, 1, 0)
+    return (header, md, values, *((pad,) if pad else ()))
 
 
 async def send_by_caproto(context: Any, spec: Any, sub: Any, **kwargs: Any) -> None:

@@ -45,6 +45,10 @@ def wire(message_or_command) -> bytes:
         (np.arange(100_000, dtype=">i2"), ChannelType.INT, None),  # extended header
         (np.arange(7, dtype=">i2"), ChannelType.INT, None),  # padded to 8 bytes
         (np.linspace(-1, 1, 3001).astype(">f8"), ChannelType.TIME_DOUBLE, DBR_TIME_DOUBLE()),
+        # not yet in the wire's form: converted, as caproto converts them
+        (np.arange(1001, dtype=np.int16), ChannelType.INT, None),
+        (np.arange(2000, dtype=">i2")[::2], ChannelType.INT, None),
+        (np.linspace(-1, 1, 3001), ChannelType.FLOAT, None),
     ],
 )
 def test_a_message_is_byte_for_byte_what_caproto_sends(values, data_type, metadata):

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from caproto import EventAddResponse
 
 from dtacq_ioc.caproto_adapter import (
     circuit_transport,
     circuit_writer,
+    event_add_parts,
     forget_cached_reads,
     read_for_subscription,
     send_by_caproto,
@@ -59,10 +59,9 @@ class Message:
     """One update of one PV as one data type, ready to be addressed to any subscription."""
 
     def __init__(self, values: Any, metadata: Any, data_type: Any, count: int):
-        # caproto's own constructor: the same wire format as its normal path.
-        cmd = EventAddResponse(values, data_type, count, 1, 0, metadata=metadata)
-        metadata_part, data, *pad = cmd.buffers
-        self._head = bytes(cmd.header) + bytes(metadata_part)
+        # caproto's own parts: the same wire format as its normal path.
+        header, metadata_part, data, *pad = event_add_parts(values, metadata, data_type, count)
+        self._head = bytes(header) + bytes(metadata_part)
         self._data = _byte_view(data)
         self._pad = bytes(pad[0]) if pad else b""
         self.nbytes = len(self._head) + self._data.nbytes + len(self._pad)
