@@ -22,6 +22,7 @@ from caproto import AlarmSeverity, AlarmStatus
 
 from dtacq_ioc.archive.protocol import Catalog
 from dtacq_ioc.contract import NO_YES
+from dtacq_ioc.ioc.cadence import Cadence
 from dtacq_ioc.ioc.cardgroup import CardPVs, SiteLayout, Update
 from dtacq_ioc.ioc.context import CardContext
 from dtacq_ioc.ioc.link import CardLink
@@ -140,13 +141,13 @@ class Publisher:
             await self._publish_recent()
         except Exception:
             log.exception("%s: publishing recent runs failed", self.ctx.name)
+        cadence = Cadence(period)
         while True:
-            started = time.monotonic()
             try:
                 await self.publish_once()
             except Exception:
                 log.exception("%s: publishing PVs failed", self.ctx.name)
-            await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
+            await cadence.wait()
 
     def _tap_run_buffers(self) -> None:
         """Copy run buffers for RUN:BUFFER only while a client watches it."""

@@ -23,6 +23,7 @@ from dtacq_ioc import __version__
 from dtacq_ioc.archive.protocol import Catalog
 from dtacq_ioc.config import Config
 from dtacq_ioc.ioc import pvs
+from dtacq_ioc.ioc.cadence import Cadence
 
 if TYPE_CHECKING:
     from dtacq_ioc.ioc.controller import CardController
@@ -126,13 +127,13 @@ class IocStatus:
         root.addHandler(self._errors)
         try:
             await self.pv("CARDS").write(len(self.controllers), verify_value=False)
+            cadence = Cadence(PERIOD_S)
             while True:
-                started = time.monotonic()
                 try:
                     await self.update()
                 except Exception:
                     log.exception("updating the status PVs failed")
-                await asyncio.sleep(max(0.0, PERIOD_S - (time.monotonic() - started)))
+                await cadence.wait()
         finally:
             root.removeHandler(self._errors)
 
