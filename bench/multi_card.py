@@ -104,8 +104,10 @@ def ca_client_main(args: argparse.Namespace) -> int:
 
     names = args.pvs.split(",")
     counts = dict.fromkeys(names, 0)
+    total = dict.fromkeys(names, 0)
 
     def on_update(pvname: str = "", **_: Any) -> None:
+        total[pvname] += 1
         if args.start <= time.time() < args.end:
             counts[pvname] += 1
 
@@ -113,7 +115,11 @@ def ca_client_main(args: argparse.Namespace) -> int:
     time.sleep(max(0.0, args.end - time.time()) + 0.2)
     for pv in pvs:
         pv.clear_callbacks()
-    print(json.dumps({"hz": window_rates(counts, args.start, args.end)}), flush=True)
+    # A PV short of updates: was it never found, or found and its monitor silent?
+    notes = {pv.pvname: f"connected, {total[pv.pvname]} updates in all" if pv.connected
+             else "never connected" for pv in pvs}  # fmt: skip
+    print(json.dumps({"hz": window_rates(counts, args.start, args.end), "notes": notes}),
+          flush=True)  # fmt: skip
     for pv in pvs:
         pv.disconnect()
     return 0
@@ -357,6 +363,7 @@ class Row:
     ioc_rss_mb: tuple[float, float]  # mean and max over the window
     sim_cpu_pct: float
     ca_hz: list[dict[str, float]]  # per client, per PV
+    ca_notes: list[dict[str, str]]  # per client, per PV: connected, updates in all
     ws_hz: list[dict[str, float]]
     client_cpu_pct: float  # the CA and PVWS client processes together
     busy_pct: float  # the whole machine, % of all cores
@@ -374,7 +381,9 @@ class Row:
     def slow(self) -> list[str]:
         """Each client PV below the target rate, slowest first, to tell a slow IOC from
         one lost PV."""
-        slow = [(hz, f"{kind} client {i + 1}: {name} {hz:.2f} Hz")
+        notes = {("CA", i, name): f" ({note})" for i, client in enumerate(self.ca_notes)
+                 for name, note in client.items()}  # fmt: skip
+        slow = [(hz, f"{kind} client {i + 1}: {name} {hz:.2f} Hz{notes.get((kind, i, name), '')}")
                 for kind, clients in (("CA", self.ca_hz), ("PVWS", self.ws_hz))
                 for i, rates in enumerate(clients)
                 for name, hz in rates.items() if hz < TARGET_HZ]  # fmt: skip
@@ -493,8 +502,8 @@ def measure_ioc(n: int, cards: list[SimCard], args: argparse.Namespace, workdir:
         )
         results.append(CardResult(sent, received, span, in_files, catalog, errors,
                                   overruns, problems))  # fmt: skip
-    ca_hz = [c["hz"] for c in ca]
-    return Row(n, results, ioc_pct, (statistics.mean(rss), max(rss)), sim_pct, ca_hz,
+    ca_hz, ca_notes = [c["hz"] for c in ca], [c["notes"] for c in ca]
+    return Row(n, results, ioc_pct, (statistics.mean(rss), max(rss)), sim_pct, ca_hz, ca_notes,
                ws_result["clients"], client_pct, busy_pct, *bare)  # fmt: skip
 
 
