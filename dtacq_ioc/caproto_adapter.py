@@ -2,10 +2,10 @@
 and the bridge's client both use it.
 
 caproto 1.3's server gets a few things wrong for EPICS base's own clients, the
-fan-out of big arrays needs its subscription queues, and the bridge must forget the
-name searches nobody answers. Each use of a private name is
-here, listed in `PRIVATE_NAMES`, so a caproto upgrade is checked by one test
-(`tests/test_caproto_adapter.py`) and fixed in one file.
+fan-out of big arrays needs its subscription queues and message parts, and the bridge
+must forget the name searches nobody answers. Each use of a private name is here,
+listed in `PRIVATE_NAMES` and the lists beside it, so a caproto upgrade is checked by
+one test (`tests/test_caproto_adapter.py`) and fixed in one file.
 
 What the server here does differently from caproto's own:
 
@@ -35,11 +35,10 @@ from typing import Any
 
 import caproto
 import caproto as ca
+import caproto._backend as _ca_backend
+import caproto._commands as _ca_commands
+import caproto._headers as _ca_headers
 import numpy as np
-from caproto._backend import backend as _backend
-from caproto._commands import pad_buffers as _pad_buffers
-from caproto._commands import parse_metadata as _parse_metadata
-from caproto._headers import EventAddResponseHeader as _EventAddResponseHeader
 from caproto.asyncio.server import Context as _AsyncioContext
 from caproto.asyncio.server import VirtualCircuit as _AsyncioCircuit
 
@@ -64,9 +63,11 @@ PRIVATE_INSTANCE_NAMES: dict[str, tuple[str, ...]] = {
     "pv": ("_queues", "_content"),
 }
 
-# The dtype of each native type's values on the wire (big-endian), as caproto's read makes them.
-_WIRE_DTYPES: dict[Any, np.dtype] = {
-    t: np.dtype(d) for t, d in _backend.type_map.items() if np.dtype(d).kind in "iuf"
+# ... and names in caproto's private modules (the fan-out builds its messages with them).
+PRIVATE_MODULE_NAMES: dict[str, tuple[str, ...]] = {
+    "caproto._backend": ("backend",),
+    "caproto._commands": ("pad_buffers", "parse_metadata"),
+    "caproto._headers": ("EventAddResponseHeader",),
 }
 ReadConversionErrors = (ca.CaprotoConversionError, ValueError, TypeError, OverflowError)
 STRING = ca.ChannelType.STRING
@@ -118,6 +119,9 @@ def missing_private_names() -> Iterator[str]:
         for name in names:
             if not hasattr(cls, name):
                 yield f"{owner}.{name}"
+    for module_name, names in PRIVATE_MODULE_NAMES.items():
+        module = importlib.import_module(module_name)
+        yield from (f"{module_name}.{name}" for name in names if not hasattr(module, name))
 
 
 # -- what the fan-out of big arrays needs --------------------------------------------------
@@ -144,13 +148,18 @@ def event_add_parts(values: Any, metadata: Any, data_type: Any, count: int) -> t
     and padding. Values that are already in the wire's form (what caproto's read makes: a
     contiguous big-endian array of the type's own dtype) are taken as they are; caproto's
     constructor would copy the array once more, 3.2 MB a frame for 16 waveforms."""
-    wire = _WIRE_DTYPES.get(ca.native_type(data_type))
-    if not (isinstance(values, np.ndarray) and values.dtype == wire and values.flags.c_contiguous):
+    wire = _ca_backend.backend.type_map.get(ca.native_type(data_type))
+    if not (
+        isinstance(values, np.ndarray)
+        and values.dtype.kind in "iuf"
+        and values.dtype == wire
+        and values.flags.c_contiguous
+    ):
         cmd = ca.EventAddResponse(values, data_type, count, 1, 0, metadata=metadata)
         return (cmd.header, *cmd.buffers)
-    md = _parse_metadata(metadata, data_type)
-    size, pad = _pad_buffers(md, values)
-    header = _EventAddResponseHeader(size, data_type, count, 1, 0)
+    md = _ca_commands.parse_metadata(metadata, data_type)
+    size, pad = _ca_commands.pad_buffers(md, values)
+    header = _ca_headers.EventAddResponseHeader(size, data_type, count, 1, 0)
     return (header, md, values, *((pad,) if pad else ()))
 
 

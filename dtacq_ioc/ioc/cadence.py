@@ -10,7 +10,7 @@ class Cadence:
     """Waits for the next tick of a fixed period, counted from the first.
 
     Sleeping "period minus the work's time" loses the sleep's own lateness every
-    tick: with eight cards on two cores the display ran at 9.2 Hz instead of 10.
+    tick: with eight cards on two cores a 10 Hz display ran at 9.85-9.9 Hz.
     Here a late tick is made up by the next one, so the rate holds on average; a
     loop more than a whole period behind starts afresh rather than bursting.
     """
