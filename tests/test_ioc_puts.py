@@ -8,7 +8,7 @@ import pytest
 from caproto import AlarmSeverity, AlarmStatus, ChannelType, ErrorResponseReceived
 from caproto.sync.client import read as ca_read
 from caproto.sync.client import write as ca_write
-from ioc_support import castr, ioc_process, ioc_toml, new_prefix
+from ioc_support import castr, ioc_process, ioc_toml, new_prefix, wait_for
 from support import output
 
 
@@ -66,6 +66,21 @@ def test_a_refused_put_names_pv_value_and_reason_and_alarms_only_that_pv(
             assert _alarm(ioc.pv(other))[1] == AlarmSeverity.NO_ALARM, other
     # The value was never stored; every PV still reads.
     assert ca_read(ioc.pv(suffix), timeout=10) is not None
+
+
+def test_the_iocs_last_error_keeps_the_newest_across_its_updates(ioc):
+    """A card's refusal, then one of the IOC's own PVs': the IOC's LAST_ERROR, which its
+    status loop refreshes from every card once a second, keeps the newer of the two."""
+    status = "DTACQ:test:"  # the status group of the IOC named "test"
+    with pytest.raises(ErrorResponseReceived):
+        ca_write(ioc.pv("CLKDIV"), 3, notify=True, timeout=20)
+    with pytest.raises(ErrorResponseReceived):
+        ca_write(status + "SHOTS:ARM", 5, notify=True, timeout=20)
+    beat = ca_read(status + "HEARTBEAT", timeout=10).data[0]
+    wait_for(lambda: ca_read(status + "HEARTBEAT", timeout=10).data[0] >= beat + 2,
+             "two more updates of the status PVs")  # fmt: skip
+    last = castr(status + "LAST_ERROR")
+    assert "SHOTS:ARM" in last and "5 is not a state index" in last, last
 
 
 def test_a_good_put_clears_the_write_alarm(ioc):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -79,13 +80,26 @@ class CardContext:
     sites: list[SiteLayout]
     publish: Callable[[Update], Awaitable[None]]
     busy: asyncio.Lock = field(default_factory=asyncio.Lock)
-    last_error: str = ""
+    _last_error: tuple[float, str] = (0.0, "")  # when (monotonic), what
     readbacks: dict[str, Any] = field(default_factory=dict)  # what the card said, by suffix
     _layouts: dict[tuple[int, ...], list[SiteLayout]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def last_error(self) -> str:
+        return self._last_error[1]
+
+    @last_error.setter
+    def last_error(self, text: str) -> None:
+        self._last_error = (time.monotonic(), text)
+
+    @property
+    def last_error_at(self) -> float:
+        """When `last_error` was set (monotonic): the IOC's LAST_ERROR shows the newest."""
+        return self._last_error[0]
 
     @property
     def connected(self) -> bool:

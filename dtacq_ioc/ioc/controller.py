@@ -94,6 +94,10 @@ class CardController:
         self.ctx.last_error = text
 
     @property
+    def last_error_at(self) -> float:
+        return self.ctx.last_error_at
+
+    @property
     def state(self) -> str:
         return self.link.state
 

@@ -75,15 +75,15 @@ class StatusGroup(pvs.CheckedGroup):
 
 
 class _LatestError(logging.Handler):
-    """Keeps the text of the newest ERROR record logged by the IOC's own code."""
+    """Keeps the newest ERROR record logged by the IOC's own code: when (monotonic), what."""
 
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
-        self.text = ""
+        self.latest: tuple[float, str] = (0.0, "")
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
-            self.text = record.getMessage()
+            self.latest = (time.monotonic(), record.getMessage())
 
 
 class IocStatus:
@@ -112,8 +112,7 @@ class IocStatus:
         self.pvdb = self.group.pvdb
         self._started = time.monotonic()
         self._errors = _LatestError()
-        self._card_errors = {c.name: c.last_error for c in self.controllers}
-        self._last_error = next((e for e in self._card_errors.values() if e), "")
+        self._refusal: tuple[float, str] = (0.0, "")  # the newest refused put to our PVs
         self._last_status = ""
         self._alarm: tuple[AlarmStatus, AlarmSeverity] | None = None
         self._delivery = ""
@@ -146,18 +145,16 @@ class IocStatus:
 
     async def _refused(self, message: str) -> None:
         """A refused put to one of the IOC's own PVs: in LAST_ERROR before the client hears."""
-        self._last_error = message
+        self._refusal = (time.monotonic(), message)
         await self.pv("LAST_ERROR").write(message[-(pvs.LONG_STRING - 1) :], verify_value=False)
 
     def _newest_error(self) -> str:
-        if self._errors.text:
-            self._last_error, self._errors.text = self._errors.text, ""
-        for c in self.controllers:  # a card error not (yet) logged still counts
-            if c.last_error != self._card_errors.get(c.name):
-                self._card_errors[c.name] = c.last_error
-                if c.last_error:
-                    self._last_error = c.last_error
-        return self._last_error
+        """The newest of the IOC's errors (a refused put, an error logged) and the cards'
+        (a card error not logged still counts), by when each happened: this loop sees them
+        up to a second late, and then a card's older error must not hide a newer refusal."""
+        errors = [self._refusal, self._errors.latest,
+                  *((c.last_error_at, c.last_error) for c in self.controllers)]  # fmt: skip
+        return max((e for e in errors if e[1]), default=(0.0, ""))[1]
 
     async def update(self) -> None:
         now = time.time()
