@@ -68,18 +68,22 @@ def test_a_refused_put_names_pv_value_and_reason_and_alarms_only_that_pv(
     assert ca_read(ioc.pv(suffix), timeout=10) is not None
 
 
-def test_the_iocs_last_error_keeps_the_newest_across_its_updates(ioc):
+def test_the_iocs_last_error_keeps_the_newest_across_its_updates(tmp_path, loopback):
     """A card's refusal, then one of the IOC's own PVs': the IOC's LAST_ERROR, which its
     status loop refreshes from every card once a second, keeps the newer of the two."""
-    status = "DTACQ:test:"  # the status group of the IOC named "test"
-    with pytest.raises(ErrorResponseReceived):
-        ca_write(ioc.pv("CLKDIV"), 3, notify=True, timeout=20)
-    with pytest.raises(ErrorResponseReceived):
-        ca_write(status + "SHOTS:ARM", 5, notify=True, timeout=20)
-    beat = ca_read(status + "HEARTBEAT", timeout=10).data[0]
-    wait_for(lambda: ca_read(status + "HEARTBEAT", timeout=10).data[0] >= beat + 2,
-             "two more updates of the status PVs")  # fmt: skip
-    last = castr(status + "LAST_ERROR")
+    # Status PVs of this IOC's own: pyepics keeps a channel per name for the whole test
+    # session, and a channel whose IOC has gone finds the next one late (no caRepeater).
+    prefix, status = new_prefix(), new_prefix()
+    config = ioc_toml(tmp_path, loopback, prefix, ioc_extra=f'prefix = "{status}"')
+    with ioc_process(config, prefix, loopback) as ioc:
+        with pytest.raises(ErrorResponseReceived):
+            ca_write(ioc.pv("CLKDIV"), 3, notify=True, timeout=20)
+        with pytest.raises(ErrorResponseReceived):
+            ca_write(status + "SHOTS:ARM", 5, notify=True, timeout=20)
+        beat = ca_read(status + "HEARTBEAT", timeout=10).data[0]
+        wait_for(lambda: ca_read(status + "HEARTBEAT", timeout=10).data[0] >= beat + 2,
+                 "two more updates of the status PVs")  # fmt: skip
+        last = castr(status + "LAST_ERROR")
     assert "SHOTS:ARM" in last and "5 is not a state index" in last, last
 
 
