@@ -489,6 +489,17 @@ class Transient:
     def soft_trigger(self) -> None:
         self.card.knob(SYSTEM_SITE).set("soft_trigger", 1)
 
+    def trigger_when_listening(self, pre: int, timeout: float) -> None:
+        """The soft trigger of an armed shot, sent once the card listens for it. With PRE
+        samples the card takes its start trigger first and hears the event only in RUN_PRE:
+        a trigger sent between ARM and RUN_PRE is lost and the shot never ends."""
+        mon = self.monitor
+        if pre > 0 and not mon.wait_for(
+            lambda: mon.status is not None and mon.status.state == ShotState.RUN_PRE, timeout
+        ):
+            raise ShotError(self.name, f"{self.name}: armed, but no RUN_PRE within {timeout:g} s")
+        self.soft_trigger()
+
     def set_shot(self, number: int) -> None:
         """Set the card's shot counter (the next shot is number + 1), as HAPI does on
         site 1 before a shot, so that cards armed together count alike."""

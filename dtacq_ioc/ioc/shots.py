@@ -247,7 +247,7 @@ class ShotControl:
                 driver.set_shot(after_shot)
             driver.arm(ARM_TIMEOUT_S)
             if self_trigger:
-                driver.soft_trigger()
+                driver.trigger_when_listening(settings.pre, ARM_TIMEOUT_S)
 
         async with self.ctx.busy:
             try:
