@@ -237,6 +237,11 @@ class StatusMonitor:
                 self._cond.wait(left)
             return True
 
+    def wait_state(self, state: ShotState, timeout: float) -> bool:
+        """Block until the card reports `state`, or timeout."""
+        return self.wait_for(lambda: self.status is not None and self.status.state == state,
+                             timeout)  # fmt: skip
+
     def _run(self) -> None:
         backoff = RECONNECT_S
         while not self._stopping.is_set():
@@ -474,9 +479,7 @@ class Transient:
             # A state left over (a stream just closed, an old shot): from IDLE, the next
             # ARM line is surely this shot's.
             self.abort()
-            if not mon.wait_for(
-                lambda: mon.status is not None and mon.status.state == ShotState.IDLE, timeout
-            ):
+            if not mon.wait_state(ShotState.IDLE, timeout):
                 raise ShotError(self.name, f"{self.name}: not IDLE within {timeout:g} s to arm")
         arms, ends, drops = mon.counts()
         self._marks = (ends, drops)
@@ -493,10 +496,7 @@ class Transient:
         """The soft trigger of an armed shot, sent once the card listens for it. With PRE
         samples the card takes its start trigger first and hears the event only in RUN_PRE:
         a trigger sent between ARM and RUN_PRE is lost and the shot never ends."""
-        mon = self.monitor
-        if pre > 0 and not mon.wait_for(
-            lambda: mon.status is not None and mon.status.state == ShotState.RUN_PRE, timeout
-        ):
+        if pre > 0 and not self.monitor.wait_state(ShotState.RUN_PRE, timeout):
             raise ShotError(self.name, f"{self.name}: armed, but no RUN_PRE within {timeout:g} s")
         self.soft_trigger()
 
