@@ -6,6 +6,7 @@ A fake clock stands in for time, so the test checks the arithmetic, not the mach
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
@@ -28,9 +29,10 @@ class FakeClock:
 
 @pytest.fixture
 def clock(monkeypatch) -> FakeClock:
+    # The cadence module's own names only: asyncio's event loop keeps the real clock.
     fake = FakeClock()
-    monkeypatch.setattr(cadence_module.time, "monotonic", fake.monotonic)
-    monkeypatch.setattr(cadence_module.asyncio, "sleep", fake.sleep)
+    monkeypatch.setattr(cadence_module, "time", SimpleNamespace(monotonic=fake.monotonic))
+    monkeypatch.setattr(cadence_module, "asyncio", SimpleNamespace(sleep=fake.sleep))
     return fake
 
 
