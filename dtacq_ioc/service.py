@@ -16,6 +16,7 @@ from typing import Any
 
 from dtacq_ioc.config import Config
 from dtacq_ioc.ioc.app import Ioc
+from dtacq_ioc.loopwatch import LoopWatch
 from dtacq_ioc.notify import Notifier
 from dtacq_ioc.sim.child import start_simulator, stop_simulator
 
@@ -62,7 +63,10 @@ async def serve(config: Config, list_pvs: bool = False, with_sim: bool = True) -
     if list_pvs:
         for name in ioc.pvdb:
             log.info("PV %s", name)
-    tasks: list[asyncio.Task[Any]] = list(ioc.tasks)
+    tasks: list[asyncio.Task[Any]] = [
+        *ioc.tasks,
+        loop.create_task(LoopWatch().beat(), name="loop-watch"),
+    ]
     if notifier.watchdog_s is not None:
         tasks.append(loop.create_task(notifier.watchdog_loop(), name="watchdog"))
     bridge = None
