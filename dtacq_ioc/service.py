@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import signal
 from typing import Any
 
@@ -18,6 +19,7 @@ from dtacq_ioc.config import Config
 from dtacq_ioc.ioc.app import Ioc
 from dtacq_ioc.loopwatch import LoopWatch
 from dtacq_ioc.notify import Notifier
+from dtacq_ioc.preflight import ca_port_caveat
 from dtacq_ioc.sim.child import start_simulator, stop_simulator
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,9 @@ async def serve(config: Config, list_pvs: bool = False, with_sim: bool = True) -
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    caveat = ca_port_caveat(os.environ)
+    if caveat:
+        log.warning(caveat)
     sim = await start_simulator(config) if with_sim else None
     notifier = Notifier()
     ioc = Ioc(config, status_sink=notifier)

@@ -20,23 +20,39 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dtacq_ioc.notify import socket_address
+from dtacq_ioc.preflight import ephemeral_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def free_port(host: str = "127.0.0.1", avoid: range | None = None) -> int:
-    """A free TCP port on `host`, outside `avoid` (ports the caller will bind itself)."""
-    while True:
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if avoid is None or port not in avoid:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free for TCP and UDP on `host`, below the kernel's ephemeral range.
+
+    Below it, because a server port the kernel could also hand to a client breaks UDP:
+    caproto's sync client binds port 0 with SO_REUSEADDR, and Linux then may give it
+    an IOC's port (see `preflight.ca_port_caveat`): a search timeout about once in
+    37,000 searches, and the put fuzz alone makes ~600. Below the range, it also keeps
+    clear of a simulated card's fixed ports (53000 + channel).
+    """
+    ephemeral = ephemeral_ports()
+    rng = random.SystemRandom()
+    candidates = range(max(5100, ephemeral.start - 12000), ephemeral.start)
+    if len(candidates) < 1000:  # a host whose ephemeral range starts low: use what is above
+        candidates = range(ephemeral.stop, 65536)
+    for _ in range(1000):
+        port = rng.choice(candidates)
+        if _bindable(host, port, socket.SOCK_STREAM) and _bindable(host, port, socket.SOCK_DGRAM):
             return port
+    raise RuntimeError(f"no free port on {host} in {candidates.start}..{candidates.stop - 1}")
 
 
-# A simulated card's own fixed ports that the ephemeral range overlaps: its shot data
-# (53000 raw, 53000+ch per channel).
-SIM_CARD_PORTS = range(53000, 53100)
+def _bindable(host: str, port: int, kind: socket.SocketKind) -> bool:
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def random_loopback() -> str:
@@ -79,7 +95,7 @@ def sim_card_toml(
     faults: str = "",
 ) -> str:
     """One [[cards]] entry with a [cards.sim] table, as TOML text."""
-    ssh_port = ssh_port or free_port(host, avoid=SIM_CARD_PORTS)
+    ssh_port = ssh_port or free_port(host)
     return f"""
 [[cards]]
 name = "{name}"

@@ -14,6 +14,7 @@ from support import ROOT, child_env, free_port, random_loopback
 
 from dtacq_ioc.card.models import MODULES
 from dtacq_ioc.config import ConfigError, load_config, parse_config
+from dtacq_ioc.preflight import ca_port_caveat, ephemeral_ports
 
 
 def test_default_and_production_configs_load():
@@ -380,3 +381,15 @@ def test_legacy_write_hosts_are_addresses_or_networks():
     assert err.value.lines == [
         "x.toml: bridge.legacy_write_hosts[0]: 'control-room' is not an IP address or network"
     ]
+
+
+def test_a_ca_port_the_kernel_may_give_a_client_is_warned_of():
+    ephemeral = ephemeral_ports()
+    inside = ca_port_caveat({"EPICS_CA_SERVER_PORT": str(ephemeral.start + 5)})
+    assert inside is not None and f"port {ephemeral.start + 5} " in inside, inside
+    assert f"below {ephemeral.start}" in inside
+    # EPICS_CAS_SERVER_PORT is the one the server binds when both are set.
+    both = {"EPICS_CAS_SERVER_PORT": "5064", "EPICS_CA_SERVER_PORT": str(ephemeral.start)}
+    assert ca_port_caveat(both) is None
+    assert ca_port_caveat({}) is None
+    assert free_port() not in ephemeral  # the tests' own servers keep clear of it too
