@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,36 @@ os.environ["EPICS_CA_ADDR_LIST"] = "127.0.0.1"
 os.environ["EPICS_CA_AUTO_ADDR_LIST"] = "NO"
 os.environ["EPICS_CAS_INTF_ADDR_LIST"] = "127.0.0.1"
 os.environ.setdefault("EPICS_CA_MAX_ARRAY_BYTES", str(64 * 1024 * 1024))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ca_repeater() -> Iterator[None]:
+    """EPICS base's caRepeater on this session's repeater port, as on any host with CA
+    clients: they hear a restarted IOC's beacon and reconnect at once, and caproto's sync
+    client finds a repeater running instead of spawning one that outlives the tests."""
+    from epics_base import EpicsBase
+
+    port = int(os.environ["EPICS_CA_REPEATER_PORT"])
+    proc = subprocess.Popen([str(EpicsBase.locate().tool("caRepeater"))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while _udp_port_free(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"caRepeater did not bind UDP port {port} (exit {proc.poll()})")
+            time.sleep(0.05)
+        yield
+    finally:
+        stop_process(proc)
+
+
+def _udp_port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 @pytest.fixture
