@@ -21,6 +21,9 @@ What the server here does differently from caproto's own:
   traceback and sends the exception's class name.
 - A subscription gets only the events its mask asks for (`wanted`), and its first
   update; caproto sends every update to every subscription.
+- Beacons go where EPICS base's server sends them (`beacon_environment`), so a
+  caRepeater on `EPICS_CA_REPEATER_PORT` hears a restarted IOC and its clients
+  reconnect at once; caproto sends them to port 5065 whatever that says.
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import caproto
@@ -379,9 +383,33 @@ class _Context(_AsyncioContext):  # type: ignore[misc]  # caproto is untyped
             await super()._subscription_queue_send(sub_spec, sub, metadata, values, flags)
 
 
+def beacon_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The EPICS_CAS_* beacon settings caproto reads, as EPICS base's server derives them.
+
+    EPICS base (rsrv) beacons to EPICS_CAS_BEACON_PORT, else EPICS_CA_REPEATER_PORT; to
+    the broadcast addresses unless EPICS_CAS_AUTO_BEACON_ADDR_LIST, else
+    EPICS_CA_AUTO_ADDR_LIST, says NO; and to EPICS_CAS_BEACON_ADDR_LIST, or to
+    EPICS_CA_ADDR_LIST when neither that nor EPICS_CAS_INTF_ADDR_LIST is set. caproto
+    reads only the EPICS_CAS_* names, with fixed defaults. Returns what to add.
+    """
+    fallbacks = [
+        ("EPICS_CAS_BEACON_PORT", "EPICS_CA_REPEATER_PORT"),
+        ("EPICS_CAS_AUTO_BEACON_ADDR_LIST", "EPICS_CA_AUTO_ADDR_LIST"),
+    ]
+    if "EPICS_CAS_INTF_ADDR_LIST" not in environ:
+        fallbacks.append(("EPICS_CAS_BEACON_ADDR_LIST", "EPICS_CA_ADDR_LIST"))
+    return {
+        server: environ[client]
+        for server, client in fallbacks
+        if server not in environ and client in environ
+    }
+
+
 def make_server(pvdb: dict[str, Any], interfaces: list[str]) -> Any:
     """caproto's asyncio server context with this module's circuit; `.run()` serves."""
     check_caproto()
+    # caproto reads its beacon settings from the process's environment, at start.
+    os.environ.update(beacon_environment(os.environ))
     return _Context(pvdb, interfaces)
 
 

@@ -20,6 +20,7 @@ os.environ["EPICS_CA_REPEATER_PORT"] = str(free_port())
 os.environ["EPICS_CA_ADDR_LIST"] = "127.0.0.1"
 os.environ["EPICS_CA_AUTO_ADDR_LIST"] = "NO"
 os.environ["EPICS_CAS_INTF_ADDR_LIST"] = "127.0.0.1"
+os.environ["EPICS_CAS_BEACON_ADDR_LIST"] = "127.0.0.1"  # to the repeater port, as EPICS base
 os.environ.setdefault("EPICS_CA_MAX_ARRAY_BYTES", str(64 * 1024 * 1024))
 
 

@@ -375,7 +375,8 @@ class Mirror:
 
 
 @contextlib.contextmanager
-def soft_ioc(base: EpicsBase, db_text: str, directory: Path, probe: str) -> Iterator[CaEndpoint]:
+def soft_ioc(base: EpicsBase, db_text: str, directory: Path, probe: str,
+             env_extra: dict[str, str] | None = None) -> Iterator[CaEndpoint]:  # fmt: skip
     """EPICS base's softIoc on a loopback address and port of its own, serving db_text."""
     endpoint = CaEndpoint(random_loopback(), free_port(), base)
     db = directory / "reference.db"
@@ -384,6 +385,7 @@ def soft_ioc(base: EpicsBase, db_text: str, directory: Path, probe: str) -> Iter
     env["EPICS_CAS_INTF_ADDR_LIST"] = endpoint.address
     env["EPICS_CAS_BEACON_ADDR_LIST"] = endpoint.address
     env["EPICS_CAS_AUTO_BEACON_ADDR_LIST"] = "NO"
+    env.update(env_extra or {})
     log = directory / "softIoc.log"
     with open(log, "wb") as sink:
         proc = subprocess.Popen(

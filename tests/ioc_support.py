@@ -98,9 +98,10 @@ def new_prefix() -> str:
 
 
 @contextlib.contextmanager
-def ioc_process(config: Path, prefix: str, host: str, ready_state: str = "IDLE") -> Iterator[Ioc]:
+def ioc_process(config: Path, prefix: str, host: str, ready_state: str = "IDLE",
+                env: dict[str, str] | None = None) -> Iterator[Ioc]:  # fmt: skip
     """Start the IOC; ready once its card reports `ready_state` over CA."""
-    with running(["run", str(config)]) as proc:
+    with running(["run", str(config)], env=env) as proc:
         ioc = Ioc(proc, config, prefix, host, config.parent / "data")
 
         def up() -> bool:
