@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from file_server_standin import FileServerStandIn
-from support import free_port, random_loopback, stop_process, wait_for_port
+from support import bindable, free_port, random_loopback, stop_process, wait_for_port
 
 # Channel Access for this pytest process only: its own server port, so IOCs started by
 # concurrent test runs never answer each other's searches. Set before any test imports
@@ -36,22 +36,13 @@ def ca_repeater() -> Iterator[None]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.monotonic() + 30
-        while _udp_port_free(port):
+        while bindable("0.0.0.0", port, socket.SOCK_DGRAM):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"caRepeater did not bind UDP port {port} (exit {proc.poll()})")
             time.sleep(0.05)
         yield
     finally:
         stop_process(proc)
-
-
-def _udp_port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
 
 
 @pytest.fixture

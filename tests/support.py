@@ -41,12 +41,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         candidates = range(ephemeral.stop, 65536)
     for _ in range(1000):
         port = rng.choice(candidates)
-        if _bindable(host, port, socket.SOCK_STREAM) and _bindable(host, port, socket.SOCK_DGRAM):
+        if bindable(host, port, socket.SOCK_STREAM) and bindable(host, port, socket.SOCK_DGRAM):
             return port
     raise RuntimeError(f"no free port on {host} in {candidates.start}..{candidates.stop - 1}")
 
 
-def _bindable(host: str, port: int, kind: socket.SocketKind) -> bool:
+def bindable(host: str, port: int, kind: socket.SocketKind) -> bool:
+    """Whether a socket of `kind` could bind host:port now (no SO_REUSEADDR)."""
     with socket.socket(socket.AF_INET, kind) as s:
         try:
             s.bind((host, port))
