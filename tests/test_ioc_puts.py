@@ -71,8 +71,8 @@ def test_a_refused_put_names_pv_value_and_reason_and_alarms_only_that_pv(
 def test_the_iocs_last_error_keeps_the_newest_across_its_updates(tmp_path, loopback):
     """A card's refusal, then one of the IOC's own PVs': the IOC's LAST_ERROR, which its
     status loop refreshes from every card once a second, keeps the newer of the two."""
-    # Status PVs of this IOC's own: pyepics keeps a channel per name for the whole test
-    # session, and a channel whose IOC has gone finds the next one late (no caRepeater).
+    # Status PVs of this IOC's own, so that no channel pyepics keeps for the session (it
+    # keeps one per name) can be answered by another test's IOC.
     prefix, status = new_prefix(), new_prefix()
     config = ioc_toml(tmp_path, loopback, prefix, ioc_extra=f'prefix = "{status}"')
     with ioc_process(config, prefix, loopback) as ioc:
