@@ -23,7 +23,7 @@ FRAMES_SHOWN = 4
 
 @dataclass
 class LoopWatch:
-    """Run `beat()` as a task on the loop to watch; `close()` ends the watching thread."""
+    """Run `beat()` as a task on the loop to watch; cancelling it ends the watching thread."""
 
     threshold_s: float = 2.0
     beat_s: float = 0.25
